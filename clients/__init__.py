@@ -1,0 +1,1 @@
+"""clipserve.clients: Python clients and the `clipserve client` command."""

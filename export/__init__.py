@@ -1,0 +1,1 @@
+"""clipserve.export: open_clip (PyTorch) -> ONNX towers -> Triton-style model repository."""

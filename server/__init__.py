@@ -1,0 +1,1 @@
+"""clipserve.server: the gRPC inference server on ONNX Runtime (no torch)."""

@@ -1,0 +1,1 @@
+"""Generated gRPC/protobuf stubs of the `clipserve.v1` API (see scripts/gen_stubs.py)."""
