@@ -1,0 +1,231 @@
+"""Composition root: the only module that knows every part of the server.
+
+Lifecycle of `ClipServer`:
+  start: load the repository (errors exit before the port opens) -> sessions, tokenizer,
+         preprocessor, batchers -> bind the port with health NOT_SERVING -> warm up every batch
+         shape -> SERVING.
+  stop:  NOT_SERVING and refuse new requests with UNAVAILABLE -> `server.stop(grace)` lets
+         in-flight requests finish -> batchers and pools close -> cancel what is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+from clipserve.server.batcher import BatcherConfig, DynamicBatcher
+from clipserve.server.engine import EngineOptions, OnnxTower, usable_cores
+from clipserve.server.grpc_errors import ErrorInterceptor
+from clipserve.server.grpc_service import ClipServicer, model_info
+from clipserve.server.label_cache import LabelCache
+from clipserve.server.model import ClipModel, Limits
+from clipserve.server.preprocess import ImagePreprocessor
+from clipserve.server.settings import ServerSettings, parse_buckets, parse_length_buckets
+from clipserve.server.tokenizer import ClipTokenizer
+from clipserve.server.towers import TextRunner, VisionRunner, timed_warm_up
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from clipserve.repository import Manifest, RepositoryError, load_manifest
+from clipserve.v1 import clip_service_pb2 as pb
+from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClipService"].full_name
+HEALTH_SERVICES = ("", SERVICE_NAME)
+
+
+def _check_tower_shapes(manifest: Manifest, vision: OnnxTower, text: OnnxTower) -> None:
+    """The ONNX files must agree with the manifest; say which dimension does not."""
+    size, dim = manifest.preprocess.size, manifest.embedding_dim
+    expected = {
+        "vision input": (vision.input_shape[1:], [3, size, size]),
+        "vision output": (vision.output_shape[1:], [dim]),
+        "text output": (text.output_shape[1:], [dim]),
+    }
+    for what, (actual, wanted) in expected.items():
+        if len(actual) != len(wanted) or any(
+            isinstance(a, int) and a != w for a, w in zip(actual, wanted, strict=True)
+        ):
+            raise RepositoryError(
+                f"{what} shape {actual} disagrees with the manifest (expected {wanted}): "
+                "the ONNX file and clipserve.json come from different exports"
+            )
+
+
+class ClipServer:
+    """The running server; use `async with ClipServer(settings) as server:`."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.port = 0
+        self.model: ClipModel | None = None
+        self.health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._stopping: asyncio.Task[None] | None = None
+
+    # -- start -------------------------------------------------------------------------------
+    async def start(self) -> int:
+        """Load, bind, warm up, report SERVING; return the bound port."""
+        s = self.settings
+        started = time.monotonic()
+        root = Path(s.model_repository)
+        manifest = load_manifest(root)
+        options = EngineOptions(device=s.device, intra_op_threads=s.intra_op_threads)
+        vision = OnnxTower(
+            "vision", root / manifest.vision.file, manifest.vision.input, manifest.vision.output,
+            options,
+        )
+        text = OnnxTower(
+            "text", root / manifest.text.file, manifest.text.input, manifest.text.output, options
+        )
+        _check_tower_shapes(manifest, vision, text)
+        tokenizer = ClipTokenizer.from_repository(root, manifest.tokenizer)
+        preprocessor = ImagePreprocessor(manifest.preprocess, max_image_pixels=s.max_image_pixels)
+        self._pool = ThreadPoolExecutor(
+            max_workers=s.preprocess_workers or usable_cores(), thread_name_prefix="preprocess"
+        )
+
+        vision_buckets = parse_buckets(s.batch_buckets, s.vision_max_batch_size)
+        text_buckets = parse_buckets(s.batch_buckets, s.text_max_batch_size)
+        length_buckets = parse_length_buckets(
+            s.text_length_buckets, manifest.tokenizer.context_length
+        )
+        vision_runner = VisionRunner(vision, manifest.preprocess.size, vision_buckets)
+        text_runner = TextRunner(
+            text, text_buckets, length_buckets, manifest.tokenizer.pad_token_id,
+            manifest.tokenizer.eot_token_id,
+        )
+
+        def policy(max_batch_size: int) -> BatcherConfig:
+            return BatcherConfig(
+                max_batch_size=max_batch_size,
+                max_queue_delay_s=s.max_queue_delay_s,
+                max_queue_size=s.max_queue_size,
+                queue_timeout_s=s.queue_timeout_ms / 1000,
+            )
+
+        vision_batcher: DynamicBatcher = DynamicBatcher(
+            "vision", vision_runner, policy(s.vision_max_batch_size)
+        )
+        text_batcher: DynamicBatcher = DynamicBatcher(
+            "text", text_runner, policy(s.text_max_batch_size), group_of=text_runner.group_of
+        )
+        self.model = ClipModel(
+            manifest,
+            vision=vision_batcher,
+            text=text_batcher,
+            preprocessor=preprocessor,
+            tokenizer=tokenizer,
+            pool=self._pool,
+            label_cache=LabelCache(s.label_cache_size),
+            limits=Limits(
+                s.max_items_per_request, s.max_labels, s.max_templates, s.max_concurrent_requests
+            ),
+        )
+        info = model_info(self.model, vision.provider, vision_buckets, text_buckets, length_buckets)
+        await self._bind(ClipServicer(self.model, info))
+        log.info(
+            "serving %s (%s) from %s on port %d; warming up",
+            manifest.source.model_name, manifest.source.pretrained, root, self.port,
+        )
+
+        if s.warmup:
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, timed_warm_up, "vision", vision_runner)
+            await loop.run_in_executor(None, timed_warm_up, "text", text_runner)
+        await vision_batcher.start()
+        await text_batcher.start()
+        self.model.ready = True
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("SERVING on port %d (ready in %.1fs)", self.port, time.monotonic() - started)
+        return self.port
+
+    async def _bind(self, servicer: ClipServicer) -> None:
+        s = self.settings
+        options = [
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        if s.max_connection_age_s > 0:
+            options += [
+                ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.drain_grace_s * 1000)),
+            ]
+        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        pb_grpc.add_ClipServiceServicer_to_server(servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if s.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+            )
+        address = f"{s.host}:{s.port}"
+        port = server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"cannot bind {address}")
+        await server.start()
+        self._server, self.port = server, port
+
+    # -- stop --------------------------------------------------------------------------------
+    def stop_soon(self) -> None:
+        """Begin a graceful stop (idempotent; safe to call from a signal handler)."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self.stop())
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING -> refuse new work -> drain in-flight requests -> close."""
+        grace = self.settings.drain_grace_s if grace_s is None else grace_s
+        if self.model is not None:
+            self.model.ready = False  # new requests: UNAVAILABLE
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            in_flight = self.model.in_flight if self.model else 0
+            log.info("draining: %d request(s) in flight, grace %.1fs", in_flight, grace)
+            await self._server.stop(grace)
+        if self.model is not None:
+            await self.model.vision.close()
+            await self.model.text.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+        if self._stopping is not None:
+            await self._stopping
+
+    async def __aenter__(self) -> ClipServer:
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop(0)
+            raise
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        if self._stopping is not None:
+            await self._stopping
+        else:
+            await self.stop()
+
+
+async def serve(settings: ServerSettings) -> None:
+    """Run until SIGTERM/SIGINT, then drain gracefully."""
+    server = ClipServer(settings)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop_soon)
+    async with server:
+        await server.wait()

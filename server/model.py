@@ -1,0 +1,363 @@
+"""The serving core: encode, classify and rank on top of the two batched towers.
+
+Transport-free (no gRPC types): the gRPC layer converts wire messages into the inputs below and
+results back. Preprocessing and tokenisation run on a thread pool; inference runs on each
+batcher's own thread; the event loop only coordinates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from clipserve.server.batcher import DynamicBatcher
+from clipserve.server.errors import ClipServeError, Forbidden, InvalidInput, NotReady, Overloaded
+from clipserve.server.label_cache import LabelCache
+
+from clipserve.repository import Manifest
+
+log = logging.getLogger(__name__)
+
+
+# -- inputs ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TensorImage:
+    shape: tuple[int, ...]
+    dtype: str  # "float32" | "float16"
+    data: bytes
+
+
+@dataclass(frozen=True)
+class UrlImage:
+    url: str
+
+
+ImageInput = EncodedImage | TensorImage | UrlImage
+RankInput = str | EncodedImage | TensorImage | UrlImage  # str: a text
+
+
+# -- results --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scored:
+    """A label (Classify) or candidate (Rank) with its position, probability and cosine."""
+
+    index: int
+    probability: float
+    score: float
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_items_per_request: int
+    max_labels: int
+    max_templates: int
+    max_concurrent_requests: int
+
+
+class ClipModel:
+    """Encode, Classify and Rank for one exported CLIP model."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        vision: DynamicBatcher[np.ndarray, np.ndarray],
+        text: DynamicBatcher[np.ndarray, np.ndarray],
+        preprocessor: Any,  # clipserve.server.preprocess.ImagePreprocessor
+        tokenizer: Any,  # clipserve.server.tokenizer.ClipTokenizer
+        pool: Any,  # concurrent.futures.Executor for preprocessing and tokenisation
+        label_cache: LabelCache,
+        limits: Limits,
+    ) -> None:
+        self.manifest = manifest
+        self.vision = vision
+        self.text = text
+        self.preprocessor = preprocessor
+        self.tokenizer = tokenizer
+        self.label_cache = label_cache
+        self.limits = limits
+        self._pool = pool
+        self._in_flight = 0
+        self.ready = False
+
+    # -- admission ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def admit(self) -> Iterator[None]:
+        """Refuse at the door when not ready or when too many requests are in flight."""
+        if not self.ready:
+            raise NotReady("the model is not ready (starting or shutting down)")
+        if self._in_flight >= self.limits.max_concurrent_requests:
+            raise Overloaded(
+                f"{self._in_flight} requests in flight, the limit is "
+                f"{self.limits.max_concurrent_requests} (max_concurrent_requests); "
+                "retry with backoff"
+            )
+        self._in_flight += 1
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    # -- encode ------------------------------------------------------------------------------
+    async def encode_images(
+        self, images: Sequence[ImageInput], deadline: float | None, field: str = "images"
+    ) -> np.ndarray:
+        """Images -> normalised embeddings [N, D]."""
+        self._check_count(len(images), field)
+        tensors = await self._prepare_images(images, field)
+        return await self._embed(self.vision, tensors, deadline)
+
+    async def encode_texts(
+        self, texts: Sequence[str], deadline: float | None, *, truncate: bool = True,
+        field: str = "texts",
+    ) -> tuple[np.ndarray, list[int]]:
+        """Texts -> (normalised embeddings [N, D], token count per text)."""
+        self._check_count(len(texts), field)
+        ids = await self._tokenize(texts, truncate, field)
+        embeddings = await self._embed(self.text, ids, deadline)
+        return embeddings, [len(i) for i in ids]
+
+    async def _embed(
+        self, batcher: DynamicBatcher[np.ndarray, np.ndarray], values: list[np.ndarray],
+        deadline: float | None,
+    ) -> np.ndarray:
+        futures = batcher.submit(values, deadline)
+        try:
+            rows = await asyncio.gather(*futures)
+        finally:  # the caller left or one item failed: free the others' batch slots
+            for future in futures:
+                future.cancel()
+        # [N, D]
+        return np.stack(rows).astype(np.float32, copy=False)
+
+    async def _prepare_images(self, images: Sequence[ImageInput], field: str) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        jobs = [
+            loop.run_in_executor(self._pool, self._prepare_one, image, f"{field}[{i}]")
+            for i, image in enumerate(images)
+        ]
+        results = await asyncio.gather(*jobs, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            first = errors[0]
+            if not isinstance(first, ClipServeError):
+                raise first
+            if len(errors) > 1:
+                raise type(first)(f"{first} (and {len(errors) - 1} more invalid item(s))")
+            raise first
+        return list(results)  # type: ignore[arg-type]
+
+    def _prepare_one(self, image: ImageInput, item: str) -> np.ndarray:
+        """One image -> float32 [3, S, S]; errors name the item."""
+        try:
+            if isinstance(image, EncodedImage):
+                return self.preprocessor.decode(image.data)
+            if isinstance(image, TensorImage):
+                return self.preprocessor.from_tensor(image.shape, image.dtype, image.data)
+            if isinstance(image, UrlImage):
+                raise Forbidden("URL inputs are disabled on this server")
+            raise InvalidInput("no image data (set data, tensor or url)")
+        except ClipServeError as exc:
+            raise exc.at(item) from None
+
+    async def _tokenize(self, texts: Sequence[str], truncate: bool, field: str) -> list[np.ndarray]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self._pool, self.tokenizer.encode_batch, list(texts), truncate
+            )
+        except ClipServeError as exc:
+            if exc.item and exc.item.startswith("texts[") and field != "texts":
+                raise exc.at(field + exc.item[len("texts"):]) from None
+            raise
+
+    def _check_count(self, n: int, field: str) -> None:
+        if n == 0:
+            raise InvalidInput(f"{field} is empty: send at least one item")
+        if n > self.limits.max_items_per_request:
+            raise InvalidInput(
+                f"{field} has {n} items, above the limit of {self.limits.max_items_per_request} "
+                "(max_items_per_request): split the request"
+            )
+
+    # -- classify ----------------------------------------------------------------------------
+    async def classify(
+        self,
+        images: Sequence[ImageInput],
+        labels: Sequence[str],
+        templates: Sequence[str],
+        top_k: int | None,
+        deadline: float | None,
+    ) -> list[list[Scored]]:
+        """Per image, labels best first: softmax(logit_scale * cosine + bias) and cosine."""
+        self._check_count(len(images), "images")
+        self._check_labels(labels)
+        templates = tuple(templates) or self.manifest.default_templates
+        self._check_templates(templates)
+        k = self._check_top_k(top_k, len(labels), "labels")
+        image_task = asyncio.ensure_future(self.encode_images(images, deadline))
+        try:
+            label_embeddings = await self.label_embeddings(labels, templates, deadline)
+            image_embeddings = await image_task
+        finally:
+            image_task.cancel()
+        # [N_images, N_labels]
+        cosine = image_embeddings @ label_embeddings.T
+        probabilities = self._softmax(cosine)
+        return [self._top(cosine[i], probabilities[i], k) for i in range(len(images))]
+
+    async def label_embeddings(
+        self, labels: Sequence[str], templates: tuple[str, ...], deadline: float | None
+    ) -> np.ndarray:
+        """[N_labels, D]: per label the normalised mean of its templates' text embeddings."""
+        keys: list[Hashable] = [(templates, label) for label in labels]
+        cached = self.label_cache.get_many(keys)
+        missing = [i for i, value in enumerate(cached) if value is None]
+        if missing:
+            texts = [t.replace("{}", labels[i]) for i in missing for t in templates]
+            window = self.limits.max_items_per_request
+            parts = []
+            for start in range(0, len(texts), window):  # fair: other requests interleave
+                chunk, _ = await self.encode_texts(
+                    texts[start : start + window], deadline, field="labels"
+                )
+                parts.append(chunk)
+            # [N_missing, N_templates, D] -> mean over templates -> renormalise
+            per_label = np.concatenate(parts).reshape(len(missing), len(templates), -1).mean(1)
+            per_label /= np.linalg.norm(per_label, axis=1, keepdims=True)
+            self.label_cache.put_many((keys[i], per_label[j]) for j, i in enumerate(missing))
+            for j, i in enumerate(missing):
+                cached[i] = per_label[j]
+        return np.stack(cached).astype(np.float32, copy=False)  # type: ignore[arg-type]
+
+    def _check_labels(self, labels: Sequence[str]) -> None:
+        if not labels:
+            raise InvalidInput("labels is empty: send at least one candidate label")
+        if len(labels) > self.limits.max_labels:
+            raise InvalidInput(
+                f"labels has {len(labels)} items, above the limit of {self.limits.max_labels} "
+                "(max_labels)"
+            )
+        seen: dict[str, int] = {}
+        for i, label in enumerate(labels):
+            if not label.strip():
+                raise InvalidInput("label is empty", item=f"labels[{i}]")
+            if label in seen:
+                raise InvalidInput(
+                    f"duplicate of labels[{seen[label]}] ({label!r}): labels must be unique",
+                    item=f"labels[{i}]",
+                )
+            seen[label] = i
+
+    def _check_templates(self, templates: Sequence[str]) -> None:
+        if len(templates) > self.limits.max_templates:
+            raise InvalidInput(
+                f"templates has {len(templates)} items, above the limit of "
+                f"{self.limits.max_templates} (max_templates)"
+            )
+        for i, template in enumerate(templates):
+            if template.count("{}") != 1:
+                raise InvalidInput(
+                    f"template {template!r} must contain exactly one '{{}}' for the label",
+                    item=f"templates[{i}]",
+                )
+
+    @staticmethod
+    def _check_top_k(top_k: int | None, count: int, field: str) -> int:
+        if top_k is None:
+            return count
+        if not 1 <= top_k <= count:
+            raise InvalidInput(f"top_k is {top_k}; it must be between 1 and {count} ({field})")
+        return top_k
+
+    # -- rank --------------------------------------------------------------------------------
+    async def rank(
+        self,
+        query: RankInput | None,
+        candidates: Sequence[RankInput],
+        top_k: int | None,
+        deadline: float | None,
+    ) -> list[Scored]:
+        """Candidates ordered by cosine to the query, with softmax probabilities."""
+        if query is None:
+            raise InvalidInput("query is empty: set a text or an image")
+        self._check_count(len(candidates), "candidates")
+        k = self._check_top_k(top_k, len(candidates), "candidates")
+        query_embedding, candidate_embeddings = await asyncio.gather(
+            self._embed_mixed([query], deadline, "query"),
+            self._embed_mixed(candidates, deadline, "candidates"),
+        )
+        # [N_candidates]
+        cosine = candidate_embeddings @ query_embedding[0]
+        return self._top(cosine, self._softmax(cosine[None, :])[0], k)
+
+    async def _embed_mixed(
+        self, items: Sequence[RankInput], deadline: float | None, field: str
+    ) -> np.ndarray:
+        """Texts and images in one list -> [N, D] in list order."""
+        text_at = [i for i, item in enumerate(items) if isinstance(item, str)]
+        image_at = [i for i, item in enumerate(items) if not isinstance(item, str)]
+        out = np.empty((len(items), self.manifest.embedding_dim), dtype=np.float32)
+        jobs = []
+        if text_at:
+            jobs.append(self._embed_texts_at(items, text_at, deadline, field, out))
+        if image_at:
+            jobs.append(self._embed_images_at(items, image_at, deadline, field, out))
+        await asyncio.gather(*jobs)
+        return out
+
+    async def _embed_texts_at(self, items: Sequence[RankInput], at: list[int],
+                              deadline: float | None, field: str, out: np.ndarray) -> None:
+        texts = [items[i] for i in at]
+        try:
+            embeddings, _ = await self.encode_texts(texts, deadline, field="texts")  # type: ignore[arg-type]
+        except ClipServeError as exc:
+            raise self._reattribute(exc, at, field) from None
+        out[at] = embeddings
+
+    async def _embed_images_at(self, items: Sequence[RankInput], at: list[int],
+                               deadline: float | None, field: str, out: np.ndarray) -> None:
+        images = [items[i] for i in at]
+        try:
+            embeddings = await self.encode_images(images, deadline, field="images")  # type: ignore[arg-type]
+        except ClipServeError as exc:
+            raise self._reattribute(exc, at, field) from None
+        out[at] = embeddings
+
+    @staticmethod
+    def _reattribute(exc: ClipServeError, at: list[int], field: str) -> ClipServeError:
+        """Map `texts[j]`/`images[j]` of a sub-list back to `candidates[at[j]]`."""
+        if exc.item and "[" in exc.item:
+            j = int(exc.item[exc.item.index("[") + 1 : exc.item.index("]")])
+            name = field if field == "query" else f"{field}[{at[j]}]"
+            return exc.at(name)
+        return exc
+
+    # -- scoring -----------------------------------------------------------------------------
+    def _softmax(self, cosine: np.ndarray) -> np.ndarray:
+        # [N, M] -> row-wise softmax of logit_scale * cosine + bias (float64 for stability)
+        logits = cosine.astype(np.float64) * self.manifest.logit_scale
+        if self.manifest.logit_bias is not None:
+            logits += self.manifest.logit_bias
+        logits -= logits.max(axis=1, keepdims=True)
+        exp = np.exp(logits)
+        return exp / exp.sum(axis=1, keepdims=True)
+
+    @staticmethod
+    def _top(cosine: np.ndarray, probabilities: np.ndarray, k: int) -> list[Scored]:
+        order = np.argsort(-cosine, kind="stable")[:k]
+        return [Scored(int(i), float(probabilities[i]), float(cosine[i])) for i in order]

@@ -1,0 +1,87 @@
+"""Batch functions of the two towers: stack, pad to a bucket, run, split.
+
+They run on the batchers' inference threads. Padding to a bounded set of shapes (batch buckets,
+and token-length buckets for text) keeps the engine on shapes it has already run once, which is
+what warm-up relies on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Hashable, Sequence
+
+import numpy as np
+from clipserve.server.engine import OnnxTower, bucket_for, pad_rows
+
+log = logging.getLogger(__name__)
+
+
+class VisionRunner:
+    """list of float32 [3, S, S] -> list of embeddings [D]."""
+
+    def __init__(self, tower: OnnxTower, image_size: int, batch_buckets: Sequence[int]) -> None:
+        self.tower = tower
+        self.image_size = image_size
+        self.batch_buckets = tuple(batch_buckets)
+
+    def __call__(self, values: list[np.ndarray], _group: Hashable = None) -> list[np.ndarray]:
+        n = len(values)
+        # [n, 3, S, S] -> padded [bucket, 3, S, S]
+        batch = pad_rows(np.stack(values), bucket_for(n, self.batch_buckets))
+        return list(self.tower.run(batch)[:n])
+
+    def warm_up(self) -> int:
+        """Run every batch bucket once; return the number of shapes run."""
+        s = self.image_size
+        for size in self.batch_buckets:
+            self.tower.run(np.zeros((size, 3, s, s), dtype=np.float32))
+        return len(self.batch_buckets)
+
+
+class TextRunner:
+    """list of int64 token ids (variable length) -> list of embeddings [D].
+
+    The batcher groups texts by length bucket; the group is the padded length of the batch.
+    """
+
+    def __init__(
+        self,
+        tower: OnnxTower,
+        batch_buckets: Sequence[int],
+        length_buckets: Sequence[int],
+        pad_id: int = 0,
+        eot_id: int = 49407,
+    ) -> None:
+        self.tower = tower
+        self.batch_buckets = tuple(batch_buckets)
+        self.length_buckets = tuple(length_buckets)
+        self.pad_id = pad_id
+        self.eot_id = eot_id
+
+    def group_of(self, ids: np.ndarray) -> int:
+        return bucket_for(len(ids), self.length_buckets)
+
+    def __call__(self, values: list[np.ndarray], group: Hashable = None) -> list[np.ndarray]:
+        n = len(values)
+        length = int(group) if group is not None else max(len(v) for v in values)  # type: ignore[call-overload]
+        # [bucket, length] int64, pad id after each text's end-of-text token
+        batch = np.full((bucket_for(n, self.batch_buckets), length), self.pad_id, dtype=np.int64)
+        for row, ids in enumerate(values):
+            batch[row, : len(ids)] = ids
+        return list(self.tower.run(batch)[:n])
+
+    def warm_up(self) -> int:
+        """Run every (batch bucket, length bucket) shape once; return the number run."""
+        for length in self.length_buckets:
+            for size in self.batch_buckets:
+                ids = np.full((size, length), self.pad_id, dtype=np.int64)
+                ids[:, -1] = self.eot_id
+                self.tower.run(ids)
+        return len(self.length_buckets) * len(self.batch_buckets)
+
+
+def timed_warm_up(name: str, runner: VisionRunner | TextRunner) -> None:
+    started = time.monotonic()
+    shapes = runner.warm_up()
+    log.info("%s warm-up: %d shapes in %.1fs", name, shapes, time.monotonic() - started)
