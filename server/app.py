@@ -18,6 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from clipserve.repository import Manifest, RepositoryError, load_manifest
 from clipserve.server.batcher import BatcherConfig, DynamicBatcher
 from clipserve.server.engine import EngineOptions, OnnxTower, usable_cores
 from clipserve.server.grpc_errors import ErrorInterceptor
@@ -28,10 +32,6 @@ from clipserve.server.preprocess import ImagePreprocessor
 from clipserve.server.settings import ServerSettings, parse_buckets, parse_length_buckets
 from clipserve.server.tokenizer import ClipTokenizer
 from clipserve.server.towers import TextRunner, VisionRunner, timed_warm_up
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
-from clipserve.repository import Manifest, RepositoryError, load_manifest
 from clipserve.v1 import clip_service_pb2 as pb
 from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
 
@@ -70,6 +70,7 @@ class ClipServer:
         self._server: grpc.aio.Server | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._stopping: asyncio.Task[None] | None = None
+        self.drain_report: dict[str, int | bool] = {}
 
     # -- start -------------------------------------------------------------------------------
     async def start(self) -> int:
@@ -178,21 +179,30 @@ class ClipServer:
         self._server, self.port = server, port
 
     # -- stop --------------------------------------------------------------------------------
-    def stop_soon(self) -> None:
-        """Begin a graceful stop (idempotent; safe to call from a signal handler)."""
+    def stop_soon(self, grace_s: float | None = None) -> asyncio.Task[None]:
+        """Begin a graceful stop; idempotent and safe to call from a signal handler."""
         if self._stopping is None:
-            self._stopping = asyncio.ensure_future(self.stop())
+            self._stopping = asyncio.ensure_future(self._stop(grace_s))
+        return self._stopping
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """NOT_SERVING -> refuse new work -> drain in-flight requests -> close."""
+        """NOT_SERVING -> refuse new work -> drain in-flight requests -> close (idempotent)."""
+        await self.stop_soon(grace_s)
+
+    async def _stop(self, grace_s: float | None) -> None:
         grace = self.settings.drain_grace_s if grace_s is None else grace_s
+        end = time.monotonic() + grace
+        await self.health.enter_graceful_shutdown()  # NOT_SERVING: balancers stop routing here
         if self.model is not None:
-            self.model.ready = False  # new requests: UNAVAILABLE
-        await self.health.enter_graceful_shutdown()
+            # Refuse new requests with UNAVAILABLE (retryable) while the transport still
+            # dispatches them, and let admitted ones finish; only then close the port, so no
+            # call that reached this process is cut off as CANCELLED.
+            self.model.ready = False
+            self.drain_report["in_flight"] = self.model.in_flight
+            log.info("draining: %d request(s) in flight, grace %.1fs", self.model.in_flight, grace)
+            self.drain_report["drained"] = await self.model.drained(grace)
         if self._server is not None:
-            in_flight = self.model.in_flight if self.model else 0
-            log.info("draining: %d request(s) in flight, grace %.1fs", in_flight, grace)
-            await self._server.stop(grace)
+            await self._server.stop(max(0.0, end - time.monotonic()))
         if self.model is not None:
             await self.model.vision.close()
             await self.model.text.close()
@@ -201,6 +211,7 @@ class ClipServer:
         log.info("stopped")
 
     async def wait(self) -> None:
+        """Return once the server has stopped and drained."""
         if self._server is not None:
             await self._server.wait_for_termination()
         if self._stopping is not None:
@@ -215,10 +226,7 @@ class ClipServer:
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
-        if self._stopping is not None:
-            await self._stopping
-        else:
-            await self.stop()
+        await self.stop()
 
 
 async def serve(settings: ServerSettings) -> None:

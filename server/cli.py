@@ -35,9 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
 
 
 def run(args: argparse.Namespace) -> int:
-    from clipserve.server.app import serve
-
     from clipserve.repository import RepositoryError
+    from clipserve.server.app import serve
 
     try:
         settings = settings_mod.from_sources(args)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-from clipserve.server.errors import ModelFailure
-from clipserve.server.settings import Device
 
 from clipserve.repository import RepositoryError
+from clipserve.server.errors import ModelFailure
+from clipserve.server.settings import Device
 
 log = logging.getLogger(__name__)
 

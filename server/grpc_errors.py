@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+
 from clipserve.server.errors import (
     ClipServeError,
     DeadlineExpired,

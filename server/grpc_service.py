@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 
 import grpc
+
+from clipserve import __version__
 from clipserve.server import wire
 from clipserve.server.batcher import BatcherConfig
 from clipserve.server.model import ClipModel
-
-from clipserve import __version__
 from clipserve.v1 import clip_service_pb2 as pb
 from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
 

@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from clipserve.repository import Manifest
 from clipserve.server.batcher import DynamicBatcher
 from clipserve.server.errors import ClipServeError, Forbidden, InvalidInput, NotReady, Overloaded
 from clipserve.server.label_cache import LabelCache
-
-from clipserve.repository import Manifest
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,8 @@ class ClipModel:
         self.limits = limits
         self._pool = pool
         self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.ready = False
 
     # -- admission ---------------------------------------------------------------------------
@@ -103,14 +105,25 @@ class ClipModel:
                 "retry with backoff"
             )
         self._in_flight += 1
+        self._idle.clear()
         try:
             yield
         finally:
             self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    async def drained(self, timeout_s: float) -> bool:
+        """Wait until no admitted request is in flight; False if `timeout_s` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     # -- encode ------------------------------------------------------------------------------
     async def encode_images(

@@ -40,7 +40,9 @@ class ServerSettings:
     )
     host: str = _opt("[::]", "address to bind the gRPC port on")
     port: int = _opt(8001, "gRPC port (0 picks a free port and logs it)")
-    device: Device = _opt(Device.AUTO, "auto | cuda | cpu: execution provider for the towers")
+    device: Device = _opt(
+        Device.AUTO, "auto, cuda or cpu: execution provider of the towers (auto: CUDA if present)"
+    )
     intra_op_threads: int = _opt(
         0, "ONNX Runtime threads per inference (0: every core this process may use)"
     )

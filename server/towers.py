@@ -12,6 +12,7 @@ import time
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+
 from clipserve.server.engine import OnnxTower, bucket_for, pad_rows
 
 log = logging.getLogger(__name__)

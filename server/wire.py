@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
 from clipserve.server.errors import InvalidInput
 from clipserve.server.model import (
     EncodedImage,
@@ -14,7 +15,6 @@ from clipserve.server.model import (
     TensorImage,
     UrlImage,
 )
-
 from clipserve.v1 import clip_service_pb2 as pb
 
 _DTYPES = {pb.DATA_TYPE_FLOAT32: "float32", pb.DATA_TYPE_FLOAT16: "float16"}

@@ -1,7 +1,8 @@
 """The `clipserve` command: export, serve, client.
 
-Each sub-command lives in its own module with ``add_parser(subparsers)`` and ``run(args)``;
-modules are imported only when their command is chosen, so `clipserve serve` never imports torch.
+Each sub-command lives in its own module with ``add_parser(subparsers, name, help)`` and
+``run(args)``. Those modules stay light at import (flags only); each imports its heavy
+dependencies inside ``run``, so `clipserve serve` never imports torch.
 """
 
 from __future__ import annotations

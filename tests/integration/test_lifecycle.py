@@ -1,0 +1,167 @@
+"""Start-up, overload and graceful shutdown of real servers (each test starts its own)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+
+from clipserve.v1 import clip_service_pb2 as pb
+from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
+from tests.integration.harness import health_status, running_server, start_subprocess
+
+TEXTS = [f"a photo of thing number {i}" for i in range(8)]
+
+
+def encode_texts(address: str, texts: list[str], timeout: float = 60) -> pb.EncodeTextResponse:
+    with grpc.insecure_channel(address) as channel:
+        return pb_grpc.ClipServiceStub(channel).EncodeText(
+            pb.EncodeTextRequest(texts=texts), timeout=timeout
+        )
+
+
+def test_shutdown_finishes_requests_in_flight_and_refuses_new_ones(tiny_repository) -> None:
+    with running_server(tiny_repository, text_max_batch_size=2, max_queue_delay_us=0) as server:
+        channel = grpc.insecure_channel(server.address)
+        stub = pb_grpc.ClipServiceStub(channel)
+        calls = [stub.EncodeText.future(pb.EncodeTextRequest(texts=TEXTS), timeout=60)
+                 for _ in range(12)]
+        deadline = time.monotonic() + 10
+        while server.server.model.text.queued == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)  # wait until work is really queued before stopping
+        server.loop.call_soon_threadsafe(server.server.stop_soon)
+        codes = []
+        for call in calls:
+            try:
+                assert len(call.result().embeddings) == len(TEXTS)
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+        # every admitted request completed; the others were refused retryably, none cut off
+        assert server.server.drain_report["in_flight"] >= 1
+        assert codes.count("OK") >= server.server.drain_report["in_flight"]
+        assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+        assert server.server.drain_report["drained"] is True
+        with pytest.raises(grpc.RpcError) as info:
+            stub.EncodeText(pb.EncodeTextRequest(texts=["late"]), timeout=10)
+        assert info.value.code() is grpc.StatusCode.UNAVAILABLE
+        channel.close()
+
+
+def test_overload_is_refused_at_once_with_resource_exhausted(tiny_repository) -> None:
+    with running_server(
+        tiny_repository, max_queue_size=16, max_items_per_request=16, text_max_batch_size=1,
+        max_queue_delay_us=0,
+    ) as server:
+        with ThreadPoolExecutor(24) as pool:
+            outcomes = list(pool.map(lambda _: _try_encode(server.address), range(48)))
+        codes = {code for code in outcomes}
+        assert "OK" in codes
+        assert "RESOURCE_EXHAUSTED" in codes
+        assert codes <= {"OK", "RESOURCE_EXHAUSTED"}  # nothing lost, nothing else
+        assert health_status(server.address) == "SERVING"
+
+
+def _try_encode(address: str) -> str:
+    try:
+        encode_texts(address, [f"text {i}" for i in range(12)])
+        return "OK"
+    except grpc.RpcError as exc:
+        refused = exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        if refused and "queue is full" not in exc.details() and "in flight" not in exc.details():
+            return f"unexpected message: {exc.details()}"
+        return exc.code().name
+
+
+def test_sigterm_drains_and_exits_cleanly(tiny_repository) -> None:
+    server = start_subprocess(tiny_repository, "--drain-grace-s", "20")
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            calls = [pool.submit(_try_encode_texts, server.address) for _ in range(8)]
+            time.sleep(0.2)
+            server.terminate()
+            codes = [c.result() for c in calls]
+        assert server.process.wait(30) == 0
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+    log = "".join(server.log)
+    in_flight = int(re.search(r"draining: (\d+) request", log).group(1))
+    # admitted requests completed; any not yet admitted were refused retryably
+    assert codes.count("OK") >= in_flight
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    assert "stopped" in log
+
+
+def _try_encode_texts(address: str) -> str:
+    try:
+        assert len(encode_texts(address, TEXTS).embeddings) == len(TEXTS)
+        return "OK"
+    except grpc.RpcError as exc:
+        return exc.code().name
+
+
+def _serve_exit(repository: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "clipserve", "serve", "--model-repository", str(repository),
+         "--host", "127.0.0.1", "--port", "0"],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def _copy(tiny_repository: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "repo"
+    shutil.copytree(tiny_repository, target)
+    return target
+
+
+def test_a_missing_repository_exits_non_zero_before_the_port_opens(tmp_path) -> None:
+    result = _serve_exit(tmp_path / "nowhere")
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr
+    assert "on port" not in result.stderr
+
+
+def test_a_missing_model_file_is_named(tiny_repository, tmp_path) -> None:
+    repo = _copy(tiny_repository, tmp_path)
+    (repo / "clip_text" / "1" / "model.onnx").unlink()
+    result = _serve_exit(repo)
+    assert result.returncode != 0
+    assert "lacks clip_text/1/model.onnx" in result.stderr
+
+
+def test_a_corrupt_onnx_file_is_refused(tiny_repository, tmp_path) -> None:
+    repo = _copy(tiny_repository, tmp_path)
+    (repo / "clip_vision" / "1" / "model.onnx").write_bytes(b"this is not onnx")
+    result = _serve_exit(repo)
+    assert result.returncode != 0
+    assert "cannot load vision model" in result.stderr
+    assert "on port" not in result.stderr
+
+
+def test_a_manifest_of_another_version_is_refused(tiny_repository, tmp_path) -> None:
+    repo = _copy(tiny_repository, tmp_path)
+    manifest = json.loads((repo / "clipserve.json").read_text())
+    manifest["format_version"] = 99
+    (repo / "clipserve.json").write_text(json.dumps(manifest))
+    result = _serve_exit(repo)
+    assert result.returncode != 0
+    assert "format_version is 99" in result.stderr
+
+
+def test_shapes_that_disagree_with_the_manifest_are_refused(tiny_repository, tmp_path) -> None:
+    repo = _copy(tiny_repository, tmp_path)
+    manifest = json.loads((repo / "clipserve.json").read_text())
+    manifest["embedding_dim"] += 1
+    (repo / "clipserve.json").write_text(json.dumps(manifest))
+    result = _serve_exit(repo)
+    assert result.returncode != 0
+    assert "disagrees with the manifest" in result.stderr
