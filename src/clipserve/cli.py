@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("clipserve.export.cli", "export an open_clip model to an ONNX model repository"),
     "serve": ("clipserve.server.cli", "serve a model repository over gRPC"),
     "client": ("clipserve.clients.cli", "call a running server (encode, classify, rank, info)"),
+    "demo": ("clipserve.demo", "export the built-in demo model, serve it, classify (offline)"),
 }
 
 

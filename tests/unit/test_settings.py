@@ -1,0 +1,98 @@
+"""Settings: flags win over environment variables, which win over defaults; bad values refused."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipserve.server.settings import (
+    Device,
+    ServerSettings,
+    add_arguments,
+    from_sources,
+    parse_buckets,
+    parse_length_buckets,
+    setting_names,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_without_flags_or_environment() -> None:
+    settings = from_sources(parse([]), environ={})
+    assert settings == ServerSettings()
+    assert settings.device is Device.AUTO
+
+
+def test_environment_overrides_defaults_and_flags_override_environment() -> None:
+    environ = {"CLIPSERVE_PORT": "9000", "CLIPSERVE_VISION_MAX_BATCH_SIZE": "4",
+               "CLIPSERVE_WARMUP": "false", "CLIPSERVE_DEVICE": "cpu"}
+    settings = from_sources(parse(["--port", "9100"]), environ=environ)
+    assert settings.port == 9100
+    assert settings.vision_max_batch_size == 4
+    assert settings.warmup is False
+    assert settings.device is Device.CPU
+    assert from_sources(parse(["--warmup"]), environ=environ).warmup is True
+
+
+def test_every_field_is_a_flag_and_an_environment_variable() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = {a.dest for a in parser._actions}
+    for f in dataclasses.fields(ServerSettings):
+        assert f.name in flags
+        assert f.metadata["help"]
+    assert "CLIPSERVE_MAX_QUEUE_SIZE" in setting_names()
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"CLIPSERVE_PORT": "eighty"}, "CLIPSERVE_PORT"),
+        ({"CLIPSERVE_WARMUP": "maybe"}, "expected a boolean"),
+        ({"CLIPSERVE_MAX_QUEUE_SIZE": "0"}, "max_queue_size must be positive"),
+        ({"CLIPSERVE_MAX_ITEMS_PER_REQUEST": "5000"}, "must not exceed max_queue_size"),
+        ({"CLIPSERVE_BATCH_BUCKETS": "1,x"}, "batch_buckets: cannot parse"),
+        ({"CLIPSERVE_TEXT_LENGTH_BUCKETS": "1,8"}, "lengths must be >= 2"),
+    ],
+)
+def test_invalid_values_name_the_setting(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        from_sources(parse([]), environ=environ)
+
+
+def test_buckets() -> None:
+    assert parse_buckets("pow2", 16) == (1, 2, 4, 8, 16)
+    assert parse_buckets("pow2", 12) == (1, 2, 4, 8, 12)
+    assert parse_buckets("all", 3) == (1, 2, 3)
+    assert parse_buckets("1,4,64", 16) == (1, 4, 16)
+    assert parse_length_buckets("8,16,32,77", 77) == (8, 16, 32, 77)
+    assert parse_length_buckets("8,100", 77) == (8, 77)
+
+
+def test_the_readme_settings_table_matches_the_code() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gen_docs.py"), "--check"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_serve_help_explains_every_flag() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "clipserve", "serve", "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0
+    for name in setting_names():
+        assert name in result.stdout
