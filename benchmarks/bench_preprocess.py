@@ -1,0 +1,153 @@
+"""Image preprocessing throughput and parity: open_clip's transform vs clipserve's.
+
+Encoded JPEG bytes -> normalised float32 [3, S, S] tensor, one image at a time on one thread,
+for 640x480 and 1920x1080 JPEGs (quality 90). Throughput is images per
+CPU-second of the measuring thread ("per core"), which stays meaningful on a shared machine;
+wall-clock figures are printed too. The implementations take turns within each round so that
+background load hits them alike, and the median round is reported.
+
+Two image sets: "photos" (four skimage photos resized to the size: smooth, as most uploads)
+and "detail" (mosaics of native-resolution crops of skimage photos and textures: hard edges and
+fine texture, the worst case for fast mode). Throughput is measured on the photos. Parity is the
+mean absolute difference to open_clip's output in 8-bit pixel units, i.e.
+``mean(|ours - ref| * std) * 255`` over all values of the un-normalised tensors, averaged over
+the photos ("mean"); "worst" is the largest per-image value of each set.
+
+    .venv/bin/python benchmarks/bench_preprocess.py [--rounds 7] [--seconds 1.0]
+
+Needs the export/test extras (torch, open_clip_torch, scikit-image); the server does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+from skimage import data as skdata
+
+from clipserve.repository import Preprocess
+from clipserve.server.preprocess import ImagePreprocessor
+
+# open_clip's ViT-L-14 datacomp_xl_s13b_b90k preprocessing (the OpenAI CLIP constants).
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+SIZES = ((640, 480), (1920, 1080))
+
+
+def jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def photos(width: int, height: int) -> list[bytes]:
+    return [
+        jpeg(Image.fromarray(getattr(skdata, name)()).resize((width, height), Image.BICUBIC))
+        for name in PHOTOS
+    ]
+
+
+def detail(width: int, height: int, seed: int) -> bytes:
+    """A mosaic of 240x180 native-resolution crops: the hardest content for fast mode."""
+    rng = np.random.default_rng(seed)
+    grey = [np.repeat(f()[..., None], 3, axis=2) for f in (skdata.gravel, skdata.grass)]
+    sources = [skdata.hubble_deep_field(), skdata.retina(), skdata.coffee(), *grey]
+    canvas = np.zeros((height, width, 3), dtype=np.uint8)  # [H, W, 3]
+    for top in range(0, height, 180):
+        for left in range(0, width, 240):
+            src = sources[rng.integers(len(sources))]
+            y, x = rng.integers(src.shape[0] - 180), rng.integers(src.shape[1] - 240)
+            tile = src[y : y + 180, x : x + 240, :3]
+            h, w = min(180, height - top), min(240, width - left)
+            canvas[top : top + h, left : left + w] = tile[:h, :w]
+    return jpeg(Image.fromarray(canvas))
+
+
+def pixel_error(ours: np.ndarray, ref: np.ndarray) -> float:
+    """Mean |ours - ref| in 8-bit pixel units (normalised values scaled back by std * 255)."""
+    std = np.asarray(STD, dtype=np.float64).reshape(3, 1, 1)
+    return float(np.mean(np.abs(ours.astype(np.float64) - ref) * std) * 255.0)
+
+
+def rate(fn: Callable[[bytes], object], images: list[bytes], seconds: float) -> tuple[float, float]:
+    """(images per CPU-second, images per wall-second) of ``fn`` over ``images``, repeated."""
+    count = 0
+    cpu0, wall0 = time.thread_time(), time.perf_counter()
+    while True:
+        for data in images:
+            fn(data)
+        count += len(images)
+        cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
+        if wall >= seconds:
+            return count / max(cpu, 1e-9), count / wall
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=1.0, help="per implementation per round")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--resize-mode", default="shortest")
+    parser.add_argument("--interpolation", default="bicubic")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    cfg = Preprocess(args.size, MEAN, STD, args.interpolation, args.resize_mode)
+    reference = image_transform_v2(
+        PreprocessCfg(
+            size=args.size,
+            mean=MEAN,
+            std=STD,
+            interpolation=args.interpolation,
+            resize_mode=args.resize_mode,
+        ),
+        is_train=False,
+    )
+    exact = ImagePreprocessor(cfg)
+    fast = ImagePreprocessor(cfg, fast=True)
+    impls: dict[str, Callable[[bytes], object]] = {
+        "open_clip": lambda b: reference(Image.open(io.BytesIO(b))),
+        "clipserve exact": exact.decode,
+        "clipserve fast": fast.decode,
+    }
+    print(
+        f"open_clip {open_clip.__version__}, torch {torch.__version__}, Pillow {Image.__version__},"
+        f" numpy {np.__version__}; size={args.size} resize_mode={args.resize_mode}"
+        f" interpolation={args.interpolation}; {args.rounds} rounds x {args.seconds:.1f} s"
+    )
+    header = f"{'JPEG':>10}  {'implementation':<16} {'img/s/core':>10} {'img/s wall':>10}"
+    print(header + f" {'vs open_clip':>12} {'parity mean':>11} {'worst':>7} {'detail':>7}")
+    for width, height in SIZES:
+        images = photos(width, height)
+        hard = [detail(width, height, seed) for seed in range(2)]
+        refs = [reference(Image.open(io.BytesIO(b))).numpy() for b in images]
+        hard_refs = [reference(Image.open(io.BytesIO(b))).numpy() for b in hard]
+        rounds: dict[str, list[tuple[float, float]]] = {name: [] for name in impls}
+        for _ in range(args.rounds):
+            for name, fn in impls.items():
+                rounds[name].append(rate(fn, images, args.seconds))
+        base = statistics.median(r[0] for r in rounds["open_clip"])
+        for name, fn in impls.items():
+            cpu = statistics.median(r[0] for r in rounds[name])
+            wall = statistics.median(r[1] for r in rounds[name])
+            errors = [pixel_error(np.asarray(fn(b)), r) for b, r in zip(images, refs, strict=True)]
+            worst = max(
+                pixel_error(np.asarray(fn(b)), r) for b, r in zip(hard, hard_refs, strict=True)
+            )
+            print(
+                f"{width}x{height:<5}  {name:<16} {cpu:10.1f} {wall:10.1f} {cpu / base:11.2f}x"
+                f" {statistics.fmean(errors):11.4f} {max(errors):7.4f} {worst:7.4f}"
+            )
+
+
+if __name__ == "__main__":
+    main()
