@@ -5,6 +5,9 @@
 
 The proto path mirrors the Python package (`-I proto`, `proto/clipserve/v1/*.proto`), so the
 generated modules import each other as `clipserve.v1...` with no rewriting.
+
+One rewrite is made: modules of `PRIVATE_POOLS` register their descriptors in their package's own
+descriptor pool instead of protobuf's default one (see `PRIVATE_POOLS`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,15 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 OUT_ROOT = ROOT / "src"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+
+#: Stub folders (under src/) -> the module holding their `DESCRIPTOR_POOL`. `clipserve/triton`
+#: defines the wire package `inference` of the KServe v2 protocol, which tritonclient, KServe and
+#: MLServer register too; protobuf refuses a second definition of a symbol in one pool
+#: ("duplicate symbol 'inference.ServerLiveRequest'"), so these modules use a pool of their own
+#: and import side by side with those libraries. Wire names are unchanged.
+PRIVATE_POOLS = {"clipserve/triton": "clipserve.triton"}
+_DEFAULT_POOL_LINE = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+_BUILDER_IMPORT = "from google.protobuf.internal import builder as _builder\n"
 
 
 def _protos() -> list[Path]:
@@ -42,7 +54,23 @@ def generate(out_dir: Path) -> list[Path]:
         ]
         if protoc.main(args) != 0:
             raise SystemExit(f"protoc failed on {proto.relative_to(ROOT)}")
+    for folder, module in PRIVATE_POOLS.items():
+        for path in sorted((out_dir / folder).glob("*_pb2.py")):
+            _use_private_pool(path, module)
     return sorted(p for p in out_dir.rglob("*") if p.name.endswith(GENERATED_SUFFIXES))
+
+
+def _use_private_pool(path: Path, module: str) -> None:
+    """Register the module's descriptors in `module.DESCRIPTOR_POOL` (see `PRIVATE_POOLS`)."""
+    text = path.read_text()
+    if text.count(_DEFAULT_POOL_LINE) != 1 or text.count(_BUILDER_IMPORT) != 1:
+        raise SystemExit(f"{path.name}: unexpected protoc output, cannot use a private pool")
+    text = text.replace(
+        _BUILDER_IMPORT,
+        f"{_BUILDER_IMPORT}from {module} import DESCRIPTOR_POOL as _private_pool\n",
+    )
+    text = text.replace(_DEFAULT_POOL_LINE, "DESCRIPTOR = _private_pool.AddSerializedFile(")
+    path.write_text(text)
 
 
 def check() -> int:

@@ -1,0 +1,156 @@
+"""One structured access-log line per RPC, from a server interceptor.
+
+The interceptor binds a fresh `RequestTrace` around each unary call of clipserve's services, so
+the core and the batchers can fill it in, and when the call ends logs::
+
+    /clipserve.v1.ClipService/EncodeImage OK items=4 latency_ms=12.41 queue_ms=1.93
+
+with the same fields as a dict in the record's ``rpc`` attribute, which `JsonFormatter` writes
+as JSON (``--log-format json``). It also hands a `CallRecord` to observers (the metrics).
+It sits outside `ErrorInterceptor`, so it sees the status a caller gets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from clipserve.server import trace as trace_mod
+from clipserve.server.grpc_errors import SERVICE_PREFIXES
+from clipserve.server.settings import LogFormat
+from clipserve.server.trace import RequestTrace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CallRecord:
+    """One finished RPC."""
+
+    method: str  # e.g. /clipserve.v1.ClipService/EncodeImage
+    code: grpc.StatusCode
+    latency_s: float
+    trace: RequestTrace
+    peer: str
+
+    def fields(self) -> dict[str, Any]:
+        t = self.trace
+        fields: dict[str, Any] = {
+            "method": self.method,
+            "status": self.code.name,
+            "items": t.items,
+            "latency_ms": round(self.latency_s * 1e3, 3),
+            "queue_ms": round(t.queue_ns / 1e6, 3),
+            "input_ms": round(t.input_ns / 1e6, 3),
+            "compute_ms": round(t.compute_ns / 1e6, 3),
+            "peer": self.peer,
+        }
+        if t.model is not None:
+            fields["model"] = t.model
+        return fields
+
+
+CallObserver = Callable[[CallRecord], None]
+Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
+
+
+class AccessLogInterceptor(grpc.aio.ServerInterceptor):
+    """Traces every unary call of the services whose method names start with `prefixes`, logs
+    it (unless `log_calls` is false) and hands it to `observers`."""
+
+    def __init__(
+        self,
+        prefixes: tuple[str, ...] = SERVICE_PREFIXES,
+        observers: Sequence[CallObserver] = (),
+        *,
+        log_calls: bool = True,
+    ) -> None:
+        self._prefixes = prefixes
+        self._observers = tuple(observers)
+        self._log_calls = log_calls
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not method.startswith(self._prefixes):
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, method: str, behavior: Behavior) -> Behavior:
+        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code = grpc.StatusCode.UNKNOWN
+            with trace_mod.bound(RequestTrace()) as trace:
+                try:
+                    response = await behavior(request, context)
+                    code = context.code() or grpc.StatusCode.OK
+                    return response
+                except grpc.aio.AbortError:
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                    raise
+                finally:
+                    self._finish(
+                        CallRecord(method, code, time.perf_counter() - started, trace,
+                                   context.peer())
+                    )
+
+        return handle
+
+    def _finish(self, record: CallRecord) -> None:
+        if self._log_calls and log.isEnabledFor(logging.INFO):
+            fields = record.fields()
+            log.info(
+                "%s %s items=%d latency_ms=%.2f queue_ms=%.2f",
+                record.method, fields["status"], fields["items"], fields["latency_ms"],
+                fields["queue_ms"], extra={"rpc": fields},
+            )
+        for observer in self._observers:
+            try:
+                observer(record)
+            except Exception:  # metrics must never fail a call
+                log.exception("access-log observer %r failed", observer)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, plus an access line's fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        created = datetime.datetime.fromtimestamp(record.created, tz=datetime.timezone.utc)
+        data: dict[str, Any] = {
+            "time": created.isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        rpc = getattr(record, "rpc", None)
+        if isinstance(rpc, dict):
+            data.update(rpc)
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def use_log_format(log_format: LogFormat) -> None:
+    """Give the root logger's handlers `JsonFormatter` for ``json``; ``text`` leaves them."""
+    if log_format is LogFormat.JSON:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
