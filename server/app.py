@@ -2,19 +2,21 @@
 
 Lifecycle of `ClipServer`:
   start: load the repository (errors exit before the port opens) -> sessions, tokenizer,
-         preprocessor, batchers -> bind the port with health NOT_SERVING -> warm up every batch
-         shape -> SERVING.
+         preprocessor, batchers -> bind the port with health NOT_SERVING (clipserve.v1 and the
+         Triton protocol on it) and the metrics port -> warm up every batch shape -> SERVING.
   stop:  NOT_SERVING and refuse new requests with UNAVAILABLE -> `server.stop(grace)` lets
-         in-flight requests finish -> batchers and pools close -> cancel what is left.
+         in-flight requests finish -> batchers and pools close -> metrics port closes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -22,23 +24,37 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clipserve.repository import Manifest, RepositoryError, load_manifest
+from clipserve.server.access_log import AccessLogInterceptor
+from clipserve.server.auth import interceptors_for
 from clipserve.server.batcher import BatcherConfig, DynamicBatcher
 from clipserve.server.engine import EngineOptions, OnnxTower, usable_cores
 from clipserve.server.grpc_errors import ErrorInterceptor
 from clipserve.server.grpc_service import ClipServicer, model_info
 from clipserve.server.label_cache import LabelCache
+from clipserve.server.metrics import Metrics, MetricsServer
 from clipserve.server.model import ClipModel, Limits
 from clipserve.server.preprocess import ImagePreprocessor
 from clipserve.server.settings import ServerSettings, parse_buckets, parse_length_buckets
+from clipserve.server.supervisor import EXIT_SESSION_FAILURE, SessionSupervisor
+from clipserve.server.tls import server_credentials
 from clipserve.server.tokenizer import ClipTokenizer
 from clipserve.server.towers import TextRunner, VisionRunner, timed_warm_up
+from clipserve.server.triton.models import build_models
+from clipserve.server.triton.servicer import TritonServicer
+from clipserve.server.triton.statistics import TritonStatistics
+from clipserve.server.urls import fetcher_for
+from clipserve.triton import grpc_service_pb2 as triton_pb
+from clipserve.triton import grpc_service_pb2_grpc as triton_pb_grpc
 from clipserve.v1 import clip_service_pb2 as pb
 from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ClipService"].full_name
-HEALTH_SERVICES = ("", SERVICE_NAME)
+TRITON_SERVICE_NAME = triton_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+#: On stop, the port closes once no call was refused for this long (or the grace is over).
+DRAIN_QUIET_S = 0.2
+HEALTH_SERVICES = ("", SERVICE_NAME, TRITON_SERVICE_NAME)
 
 
 def _check_tower_shapes(manifest: Manifest, vision: OnnxTower, text: OnnxTower) -> None:
@@ -59,33 +75,65 @@ def _check_tower_shapes(manifest: Manifest, vision: OnnxTower, text: OnnxTower) 
             )
 
 
+def engine_options(s: ServerSettings) -> EngineOptions:
+    """The ONNX Runtime settings of both towers."""
+    return EngineOptions(
+        device=s.device,
+        intra_op_threads=s.intra_op_threads,
+        intra_op_spinning=s.intra_op_spinning,
+        gpu_mem_limit_mb=s.gpu_mem_limit_mb,
+        cudnn_conv_algo_search=s.cudnn_conv_algo_search.upper(),
+        io_binding=s.io_binding,
+        cuda_graphs=s.cuda_graphs,
+        tensorrt=s.tensorrt,
+        tensorrt_cache_dir=s.tensorrt_cache_dir,
+        tensorrt_fp16=s.tensorrt_fp16,
+    )
+
+
 class ClipServer:
     """The running server; use `async with ClipServer(settings) as server:`."""
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.port = 0
+        self.metrics_port = 0  # 0 until the metrics port is bound (or when metrics are off)
         self.model: ClipModel | None = None
+        self.metrics: Metrics | None = None
+        self._metrics_server: MetricsServer | None = None
         self.health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._stopping: asyncio.Task[None] | None = None
         self.drain_report: dict[str, int | bool] = {}
+        self.supervisor: SessionSupervisor | None = None
+        self.exit_code = 0  # EXIT_SESSION_FAILURE when the server gave up on a broken session
+        self._security: tuple[list[grpc.aio.ServerInterceptor], grpc.ServerCredentials | None]
+        self._security = ([], None)  # (auth interceptors, TLS credentials), read at start
 
     # -- start -------------------------------------------------------------------------------
     async def start(self) -> int:
         """Load, bind, warm up, report SERVING; return the bound port."""
         s = self.settings
         started = time.monotonic()
+        # tokens and TLS files first: a bad one fails at once, before the model loads
+        self._security = (interceptors_for(s, os.environ), server_credentials(s))
         root = Path(s.model_repository)
         manifest = load_manifest(root)
-        options = EngineOptions(device=s.device, intra_op_threads=s.intra_op_threads)
+        options = engine_options(s)
+        size, context = manifest.preprocess.size, manifest.tokenizer.context_length
         vision = OnnxTower(
             "vision", root / manifest.vision.file, manifest.vision.input, manifest.vision.output,
-            options,
+            replace(options, tensorrt_profile=(
+                (1, 3, size, size), (s.vision_max_batch_size, 3, size, size),
+                (s.vision_max_batch_size, 3, size, size),
+            )),
         )
         text = OnnxTower(
-            "text", root / manifest.text.file, manifest.text.input, manifest.text.output, options
+            "text", root / manifest.text.file, manifest.text.input, manifest.text.output,
+            replace(options, tensorrt_profile=(
+                (1, 2), (s.text_max_batch_size, 16), (s.text_max_batch_size, context)
+            )),
         )
         _check_tower_shapes(manifest, vision, text)
         tokenizer = ClipTokenizer.from_repository(root, manifest.tokenizer)
@@ -130,9 +178,30 @@ class ClipServer:
             limits=Limits(
                 s.max_items_per_request, s.max_labels, s.max_templates, s.max_concurrent_requests
             ),
+            fetcher=fetcher_for(s),
         )
+        self.supervisor = SessionSupervisor(
+            s.session_failure_threshold, s.max_session_rebuilds,
+            set_serving=self._set_serving, give_up=self._give_up,
+        )
+        self.supervisor.watch("vision", vision_batcher, vision_runner.rebuild)
+        self.supervisor.watch("text", text_batcher, text_runner.rebuild)
         info = model_info(self.model, vision.provider, vision_buckets, text_buckets, length_buckets)
-        await self._bind(ClipServicer(self.model, info))
+        triton_models = build_models(self.model)
+        statistics = TritonStatistics(
+            triton_models,
+            {"vision": lambda: vision_batcher.queued, "text": lambda: text_batcher.queued},
+        )
+        self.metrics = Metrics(statistics)
+        for batcher in (vision_batcher, text_batcher):
+            batcher.add_observer(statistics.observe_batch)
+            batcher.add_observer(self.metrics.observe_batch)
+        triton = TritonServicer(self.model, triton_models, statistics, vision.provider)
+        await self._bind(ClipServicer(self.model, info), triton, self.metrics)
+        if s.metrics:
+            self._metrics_server = MetricsServer(self.metrics.render)
+            self.metrics_port = await self._metrics_server.start(s.host, s.metrics_port)
+            log.info("metrics on port %d at /metrics", self.metrics_port)
         log.info(
             "serving %s (%s) from %s on port %d; warming up",
             manifest.source.model_name, manifest.source.pretrained, root, self.port,
@@ -150,7 +219,7 @@ class ClipServer:
         log.info("SERVING on port %d (ready in %.1fs)", self.port, time.monotonic() - started)
         return self.port
 
-    async def _bind(self, servicer: ClipServicer) -> None:
+    async def _bind(self, servicer: ClipServicer, triton: TritonServicer, metrics: Metrics) -> None:
         s = self.settings
         options = [
             ("grpc.max_receive_message_length", s.max_message_bytes),
@@ -162,21 +231,50 @@ class ClipServer:
                 ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(s.drain_grace_s * 1000)),
             ]
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=options)
+        # the access log sits outside the error table, so it logs the status callers get
+        # authentication inside the access log (refusals are logged), before everything else
+        auth, credentials = self._security
+        interceptors = [
+            AccessLogInterceptor(observers=[metrics.observe_call], log_calls=s.access_log),
+            *auth,
+            ErrorInterceptor(),
+        ]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_ClipServiceServicer_to_server(servicer, server)
+        triton_pb_grpc.add_GRPCInferenceServiceServicer_to_server(triton, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if s.reflection:
+        if s.reflection:  # the Triton protocol's descriptors live in a private pool: not listed
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
         address = f"{s.host}:{s.port}"
-        port = server.add_insecure_port(address)
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
         if port == 0:
             raise OSError(f"cannot bind {address}")
         await server.start()
         self._server, self.port = server, port
+
+    async def _set_serving(self, serving: bool) -> None:
+        """Health and admission on or off during session recovery (never once stop began)."""
+        if self.model is None or self._stopping is not None:
+            return
+        self.model.ready = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else (
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in HEALTH_SERVICES:
+            await self.health.set(name, status)
+
+    def _give_up(self, reason: str) -> None:
+        """The session cannot be trusted: drain and exit non-zero for a restart."""
+        log.critical("%s; draining and exiting with status %d", reason, EXIT_SESSION_FAILURE)
+        self.exit_code = EXIT_SESSION_FAILURE
+        self.stop_soon()
 
     # -- stop --------------------------------------------------------------------------------
     def stop_soon(self, grace_s: float | None = None) -> asyncio.Task[None]:
@@ -201,13 +299,20 @@ class ClipServer:
             self.drain_report["in_flight"] = self.model.in_flight
             log.info("draining: %d request(s) in flight, grace %.1fs", self.model.in_flight, grace)
             self.drain_report["drained"] = await self.model.drained(grace)
+            # callers that keep coming get UNAVAILABLE until they go elsewhere (at most the grace)
+            quiet = await self.model.refusals_ended(DRAIN_QUIET_S, max(0.0, end - time.monotonic()))
+            self.drain_report["quiet"] = quiet
         if self._server is not None:
             await self._server.stop(max(0.0, end - time.monotonic()))
+        if self.supervisor is not None:
+            await self.supervisor.close()
         if self.model is not None:
             await self.model.vision.close()
             await self.model.text.close()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._metrics_server is not None:
+            await self._metrics_server.close()
         log.info("stopped")
 
     async def wait(self) -> None:
@@ -229,11 +334,12 @@ class ClipServer:
         await self.stop()
 
 
-async def serve(settings: ServerSettings) -> None:
-    """Run until SIGTERM/SIGINT, then drain gracefully."""
+async def serve(settings: ServerSettings) -> int:
+    """Run until SIGTERM/SIGINT, then drain gracefully; the process exit status."""
     server = ClipServer(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop_soon)
     async with server:
         await server.wait()
+    return server.exit_code

@@ -10,9 +10,17 @@ Contract:
 - Cancelled items (the caller went away) are skipped; expired items (deadline or queue timeout)
   fail with `DeadlineExpired` before compute.
 - The batch function runs on the batcher's own single-thread executor, never on the event loop;
-  at most one further batch is formed while one runs (prefetch of one).
+  at most one further batch is formed while one runs (prefetch of one). The prefetched batch
+  stays open until the engine is free: items of its group that arrive meanwhile join it, up to
+  `max_batch_size` (it could not run earlier anyway; on a slow engine this keeps batches full
+  instead of fragmenting the clients over many small ones).
 - An exception fans out to every item of the failed batch; an output whose length differs from
   the batch fails the batch too.
+- Observers (`add_observer`) hear of every computed batch as a `BatchEvent`, on the event loop;
+  the request trace bound at `submit` (clipserve.server.trace) gets its items' times.
+- Failure observers (`add_failure_observer`) hear the number of consecutive failed batches
+  (the session supervisor rebuilds a failing session); `run_exclusive` runs a job on the
+  inference thread between two batches.
 """
 
 from __future__ import annotations
@@ -34,6 +42,8 @@ from clipserve.server.errors import (
     NotReady,
     Overloaded,
 )
+from clipserve.server.trace import RequestTrace
+from clipserve.server.trace import current as current_trace
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,8 @@ class BatchStats:
     inference_count: int = 0  # items computed
     execution_count: int = 0  # batches computed
     failed_items: int = 0
+    failed_batches: int = 0
+    consecutive_failures: int = 0  # failed batches since the last one that succeeded
     expired_items: int = 0
     cancelled_items: int = 0
     queue_ns: int = 0  # summed over computed items
@@ -71,6 +83,20 @@ class BatchStats:
         return self.inference_count / self.execution_count if self.execution_count else 0.0
 
 
+@dataclass(frozen=True)
+class BatchEvent:
+    """One computed batch, as observers see it."""
+
+    batcher: str
+    size: int
+    compute_ns: int
+    queue_ns: tuple[int, ...]  # per item: time from submit to the start of the batch
+    models: tuple[str | None, ...]  # per item: `RequestTrace.model` of its request
+
+
+BatchObserver = Callable[[BatchEvent], None]
+
+
 @dataclass(eq=False)
 class _Item(Generic[T]):
     value: T
@@ -78,6 +104,7 @@ class _Item(Generic[T]):
     future: asyncio.Future[Any]
     enqueued: float  # time.monotonic()
     expires: float | None  # monotonic deadline
+    trace: RequestTrace | None = None
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -101,10 +128,26 @@ class DynamicBatcher(Generic[T, R]):
         self._arrived = asyncio.Event()
         self._idle = asyncio.Event()  # set whenever nothing is queued or running
         self._slots = asyncio.Semaphore(2)  # one batch running + one prefetched
+        self._computing = 0  # batches handed to the inference thread and not finished
+        self._held: list[_Item[T]] = []  # the next batch, formed, waiting for the engine
         self._running: set[asyncio.Future[Any]] = set()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
+        self._observers: list[BatchObserver] = []
+        self._failure_observers: list[Callable[[int], None]] = []
+
+    def add_observer(self, observer: BatchObserver) -> None:
+        """Call `observer` with a `BatchEvent` after every computed batch (it must not block)."""
+        self._observers.append(observer)
+
+    def add_failure_observer(self, observer: Callable[[int], None]) -> None:
+        """Call `observer(consecutive_failures)` on the loop after every failed batch."""
+        self._failure_observers.append(observer)
+
+    async def run_exclusive(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the inference thread between two batches (e.g. rebuild the session)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -115,7 +158,7 @@ class DynamicBatcher(Generic[T, R]):
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop admitting; let queued and running work finish for `grace_s`; cancel the rest."""
         self._accepting = False
-        if self._queued or self._running:
+        if self._queued or self._running or self._held:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace_s)
@@ -163,9 +206,12 @@ class DynamicBatcher(Generic[T, R]):
         if self.config.queue_timeout_s > 0:
             limit = now + self.config.queue_timeout_s
             expires = limit if expires is None else min(expires, limit)
+        trace = current_trace()
+        if trace is not None:
+            trace.items += len(values)
         futures: list[asyncio.Future[R]] = []
         for value in values:
-            item = _Item(value, self._group_of(value), loop.create_future(), now, expires)
+            item = _Item(value, self._group_of(value), loop.create_future(), now, expires, trace)
             self._queues.setdefault(item.group, deque()).append(item)
             futures.append(item.future)
         self._queued += len(values)
@@ -177,25 +223,37 @@ class DynamicBatcher(Generic[T, R]):
         while True:
             await self._slots.acquire()
             try:
-                batch = await self._next_batch()
+                batch = self._held = await self._next_batch()
+                if batch:
+                    await self._top_up(batch)
             except BaseException:
                 self._slots.release()
+                for item in self._held:  # closed while the batch waited for the engine
+                    if not item.future.done():
+                        item.future.set_exception(NotReady(f"{self.name} model is shutting down"))
+                self._held = []
                 raise
+            self._held = []
+            now = time.monotonic()  # callers may have left while the batch waited: skip them
+            batch = [item for item in batch if self._wanted(item, now)]
             if not batch:  # every item was cancelled or expired
                 self._slots.release()
                 self._check_idle()
                 continue
+            self._computing += 1
             running = asyncio.ensure_future(self._run(batch))
             self._running.add(running)
             running.add_done_callback(self._finished)
 
     def _finished(self, running: asyncio.Future[Any]) -> None:
         self._running.discard(running)
+        self._computing -= 1
+        self._arrived.set()  # the engine is free: a batch waiting in `_top_up` goes now
         self._slots.release()
         self._check_idle()
 
     def _check_idle(self) -> None:
-        if not self._queued and not self._running:
+        if not self._queued and not self._running and not self._held:
             self._idle.set()
 
     def _oldest_group(self) -> Hashable | None:
@@ -219,26 +277,46 @@ class DynamicBatcher(Generic[T, R]):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
         return self._take(queue)
 
-    def _take(self, queue: deque[_Item[T]]) -> list[_Item[T]]:
+    async def _top_up(self, batch: list[_Item[T]]) -> None:
+        """While the engine is busy, add newly queued items of the batch's group to it.
+
+        A full batch waits for the engine too (held, not handed to the executor), so that items
+        whose callers leave meanwhile are still dropped before compute.
+        """
+        queue = self._queues[batch[0].group]
+        while self._computing:
+            if queue and len(batch) < self.config.max_batch_size:
+                batch += self._take(queue, self.config.max_batch_size - len(batch))
+                continue
+            self._arrived.clear()  # set again by `submit` and when a batch finishes
+            await self._arrived.wait()
+
+    def _take(self, queue: deque[_Item[T]], limit: int | None = None) -> list[_Item[T]]:
         batch: list[_Item[T]] = []
         now = time.monotonic()
-        while queue and len(batch) < self.config.max_batch_size:
+        limit = self.config.max_batch_size if limit is None else limit
+        while queue and len(batch) < limit:
             item = queue.popleft()
             self._queued -= 1
-            if item.future.done():  # cancelled by a caller that went away
-                self.stats.cancelled_items += 1
-                continue
-            if item.expires is not None and now >= item.expires:
-                self.stats.expired_items += 1
-                item.future.set_exception(
-                    DeadlineExpired(
-                        f"deadline passed after {now - item.enqueued:.3f}s in the {self.name} "
-                        "queue, before compute"
-                    )
-                )
-                continue
-            batch.append(item)
+            if self._wanted(item, now):
+                batch.append(item)
         return batch
+
+    def _wanted(self, item: _Item[T], now: float) -> bool:
+        """False (and counted) for an item whose caller left or whose deadline passed."""
+        if item.future.done():  # cancelled by a caller that went away
+            self.stats.cancelled_items += 1
+            return False
+        if item.expires is not None and now >= item.expires:
+            self.stats.expired_items += 1
+            item.future.set_exception(
+                DeadlineExpired(
+                    f"deadline passed after {now - item.enqueued:.3f}s in the {self.name} "
+                    "queue, before compute"
+                )
+            )
+            return False
+        return True
 
     async def _run(self, batch: list[_Item[T]]) -> None:
         loop = asyncio.get_running_loop()
@@ -264,21 +342,59 @@ class DynamicBatcher(Generic[T, R]):
             error = exc if isinstance(exc, ClipServeError) else ModelFailure(
                 f"{self.name} inference failed"
             )
-            self.stats.failed_items += len(batch)
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+            self._failed(batch, error)
             return
         finished = time.monotonic()
+        compute_ns = int((finished - started) * 1e9)
+        queue_ns = tuple(int((started - item.enqueued) * 1e9) for item in batch)
         stats = self.stats
         stats.execution_count += 1
+        stats.consecutive_failures = 0
         stats.inference_count += len(batch)
-        stats.compute_ns += int((finished - started) * 1e9)
+        stats.compute_ns += compute_ns
         stats.batch_sizes[len(batch)] = stats.batch_sizes.get(len(batch), 0) + 1
+        stats.queue_ns += sum(queue_ns)
+        self._trace(batch, queue_ns, compute_ns)
         for item, output in zip(batch, outputs, strict=True):
-            stats.queue_ns += int((started - item.enqueued) * 1e9)
             if not item.future.done():
                 item.future.set_result(output)
+        models = tuple(item.trace.model if item.trace else None for item in batch)
+        self._notify(BatchEvent(self.name, len(batch), compute_ns, queue_ns, models))
+
+    def _failed(self, batch: list[_Item[T]], error: ClipServeError) -> None:
+        """Fail every item of `batch` with `error`; tell the failure observers."""
+        self.stats.failed_items += len(batch)
+        self.stats.failed_batches += 1
+        self.stats.consecutive_failures += 1
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
+        for observer in self._failure_observers:
+            try:
+                observer(self.stats.consecutive_failures)
+            except Exception:  # an observer must never break the batcher
+                log.exception("%s failure observer %r failed", self.name, observer)
+
+    @staticmethod
+    def _trace(batch: list[_Item[T]], queue_ns: tuple[int, ...], compute_ns: int) -> None:
+        """Add the batch's times to the traces of the requests it served."""
+        seen: set[int] = set()
+        for item, waited in zip(batch, queue_ns, strict=True):
+            trace = item.trace
+            if trace is None:
+                continue
+            trace.queue_ns = max(trace.queue_ns, waited)
+            if id(trace) not in seen:
+                seen.add(id(trace))
+                trace.batches += 1
+                trace.compute_ns += compute_ns
+
+    def _notify(self, event: BatchEvent) -> None:
+        for observer in self._observers:
+            try:
+                observer(event)
+            except Exception:  # an observer must never fail a batch
+                log.exception("%s batch observer %r failed", self.name, observer)
 
     def _fail_queued(self, error: ClipServeError) -> None:
         for queue in self._queues.values():

@@ -1,7 +1,10 @@
 """ONNX Runtime sessions: provider choice, thread settings, padded batch execution.
 
-Only this module imports onnxruntime. A tower runs one numpy batch at a time (the batcher gives
-each tower its own inference thread) and checks the output against the batch it was given.
+Only this module (and `binding`, its I/O binding helper) imports onnxruntime. A tower runs one
+numpy batch at a time (the batcher gives each tower its own inference thread) and checks the
+output against the batch it was given. On CUDA with `io_binding`, batches go through host
+staging buffers per shape (`batch_buffer`) and bound device buffers, optionally replayed as
+CUDA graphs; see docs/performance.md for the GPU settings.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from clipserve.repository import RepositoryError
+from clipserve.server.binding import IoBinder
 from clipserve.server.errors import ModelFailure
 from clipserve.server.settings import Device
 
@@ -23,6 +27,7 @@ log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
 
 
 def usable_cores() -> int:
@@ -37,20 +42,71 @@ def usable_cores() -> int:
 class EngineOptions:
     device: Device = Device.AUTO
     intra_op_threads: int = 0  # 0: usable_cores()
+    intra_op_spinning: bool = False  # ORT threads busy-wait for work between operators
+    gpu_mem_limit_mb: int = 0  # CUDA arena limit per session (0: no limit)
+    cudnn_conv_algo_search: str = "HEURISTIC"  # EXHAUSTIVE, HEURISTIC or DEFAULT
+    io_binding: bool = True  # CUDA: staging buffers and bound device buffers per shape
+    cuda_graphs: bool = False  # CUDA: capture each batch shape once, replay it (needs binding)
+    tensorrt: bool = False  # TensorRT EP in front of CUDA, when onnxruntime has it
+    tensorrt_cache_dir: str = ""  # engine and timing caches ("" : rebuilt at every start)
+    tensorrt_fp16: bool = False
+    #: TensorRT optimisation profile of the tower's input: (min, opt, max) shapes.
+    tensorrt_profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
 
 
-def choose_providers(device: Device) -> list[str | tuple[str, dict[str, str]]]:
-    """Execution providers for `device`; CUDA first when asked for or available."""
-    available = ort.get_available_providers()
-    cuda_options = {
+def cuda_provider_options(options: EngineOptions) -> dict[str, str]:
+    """The CUDA EP's options (ONNX Runtime takes them as strings)."""
+    cuda = {
+        # grow the arena by what is asked for, not by powers of two: memory stays near the need
         "arena_extend_strategy": "kSameAsRequested",
-        "cudnn_conv_algo_search": "HEURISTIC",
+        "cudnn_conv_algo_search": options.cudnn_conv_algo_search.upper(),
         "do_copy_in_default_stream": "1",
     }
+    if options.gpu_mem_limit_mb > 0:
+        cuda["gpu_mem_limit"] = str(options.gpu_mem_limit_mb << 20)
+    if options.cuda_graphs:
+        cuda["enable_cuda_graph"] = "1"
+    return cuda
+
+
+def tensorrt_provider_options(options: EngineOptions, input_name: str) -> dict[str, str]:
+    """The TensorRT EP's options: caches, precision and the input's shape profile."""
+    trt = {"trt_fp16_enable": "True" if options.tensorrt_fp16 else "False"}
+    if options.tensorrt_cache_dir:
+        trt.update(
+            trt_engine_cache_enable="True",
+            trt_engine_cache_path=options.tensorrt_cache_dir,
+            trt_timing_cache_enable="True",
+            trt_timing_cache_path=options.tensorrt_cache_dir,
+        )
+    if options.tensorrt_profile is not None:
+        low, opt, high = ("x".join(str(d) for d in shape) for shape in options.tensorrt_profile)
+        trt.update(
+            trt_profile_min_shapes=f"{input_name}:{low}",
+            trt_profile_opt_shapes=f"{input_name}:{opt}",
+            trt_profile_max_shapes=f"{input_name}:{high}",
+        )
+    return trt
+
+
+def choose_providers(
+    device: Device, options: EngineOptions | None = None, input_name: str = ""
+) -> list[str | tuple[str, dict[str, str]]]:
+    """Execution providers for `device`; CUDA first when asked for or available."""
+    available = ort.get_available_providers()
+    options = options or EngineOptions(device=device)
     if device is Device.CPU:
         return [CPU]
     if CUDA in available:
-        return [(CUDA, cuda_options), CPU]
+        providers: list[str | tuple[str, dict[str, str]]] = [
+            (CUDA, cuda_provider_options(options)), CPU
+        ]
+        if options.tensorrt:
+            if TENSORRT in available:
+                providers.insert(0, (TENSORRT, tensorrt_provider_options(options, input_name)))
+            else:
+                log.warning("--tensorrt: this onnxruntime has no TensorrtExecutionProvider")
+        return providers
     if device is Device.CUDA:
         raise RepositoryError(
             "--device cuda was asked for but this onnxruntime has no CUDAExecutionProvider "
@@ -70,21 +126,11 @@ class OnnxTower:
         self, name: str, path: Path, input_name: str, output_name: str, options: EngineOptions
     ) -> None:
         self.name = name
+        self._path = path
+        self._options = options
+        self._input = input_name
         threads = options.intra_op_threads or usable_cores()
-        session_options = ort.SessionOptions()
-        session_options.intra_op_num_threads = threads
-        session_options.inter_op_num_threads = 1
-        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session_options.log_severity_level = 3
-        try:
-            self._session = ort.InferenceSession(
-                str(path), sess_options=session_options, providers=choose_providers(options.device)
-            )
-        except RepositoryError:
-            raise
-        except Exception as exc:  # ORT raises its own exception types for corrupt files
-            raise RepositoryError(f"cannot load {name} model {path.name}: {exc}") from exc
+        self._session = self._load(threads)
         inputs = {i.name: i for i in self._session.get_inputs()}
         outputs = {o.name: o for o in self._session.get_outputs()}
         if input_name not in inputs or output_name not in outputs:
@@ -97,12 +143,86 @@ class OnnxTower:
         self.input_shape: list[int | str | None] = list(inputs[input_name].shape)
         self.output_shape: list[int | str | None] = list(outputs[output_name].shape)
         self.provider = self._session.get_providers()[0]
-        log.info("%s model on %s with %d threads", name, self.provider, threads)
+        self._buffers: dict[tuple[tuple[int, ...], str], np.ndarray] = {}
+        self._binder = self._bind()
+        log.info(
+            "%s model on %s with %d threads%s", name, self.provider, threads,
+            "" if self._binder is None else (
+                ", I/O binding" + (" and CUDA graphs" if self._binder.cuda_graphs else "")
+            ),
+        )
+
+    def _bind(self) -> IoBinder | None:
+        """I/O binding on CUDA when asked for (`io_binding`); None runs `session.run`."""
+        if not self._options.io_binding or self.provider not in (CUDA, TENSORRT):
+            return None
+        dim = self.output_shape[-1]
+        if not isinstance(dim, int):
+            log.warning("%s output dimension is not fixed: no I/O binding", self.name)
+            return None
+        return IoBinder(
+            self._session, self.input_name, self.output_name, dim, device="cuda",
+            cuda_graphs=self._options.cuda_graphs,
+        )
+
+    def batch_buffer(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
+        """A reusable host buffer for a batch of `shape`: fill it and pass it to `run`.
+
+        With I/O binding it is the shape's (page-locked) staging buffer, so the batch is
+        written once and copied to the device from there. Use it on the inference thread only.
+        """
+        if self._binder is not None:
+            return self._binder.staging(shape, dtype)
+        key = (tuple(shape), np.dtype(dtype).str)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = np.zeros(shape, dtype=dtype)
+        return buffer
+
+    def _load(self, threads: int) -> ort.InferenceSession:
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = threads
+        session_options.inter_op_num_threads = 1
+        session_options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        session_options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session_options.log_severity_level = 3
+        # Spinning ORT threads keep the cores busy between operators: a little faster alone,
+        # slower when gRPC, preprocessing and the other tower need the same cores.
+        session_options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self._options.intra_op_spinning else "0"
+        )
+        try:
+            return ort.InferenceSession(
+                str(self._path), sess_options=session_options,
+                providers=choose_providers(self._options.device, self._options, self._input),
+            )
+        except RepositoryError:
+            raise
+        except Exception as exc:  # ORT raises its own exception types for corrupt files
+            raise RepositoryError(
+                f"cannot load {self.name} model {self._path.name}: {exc}"
+            ) from exc
+
+    def reload(self) -> None:
+        """Replace the session with a fresh one from the same file (after repeated failures).
+
+        Call it on the tower's inference thread (`DynamicBatcher.run_exclusive`), never while
+        a batch runs. Raises RepositoryError when the file no longer loads.
+        """
+        threads = self._options.intra_op_threads or usable_cores()
+        self._session = self._load(threads)
+        if self._binder is not None:
+            self._binder.close()
+            self._binder = self._bind()
+        log.warning("%s model session rebuilt from %s", self.name, self._path.name)
 
     def run(self, batch: np.ndarray) -> np.ndarray:
         """batch: [N, ...] -> embeddings [N, D]."""
         try:
-            (out,) = self._session.run([self.output_name], {self.input_name: batch})
+            if self._binder is not None:
+                out = self._binder.run(batch)
+            else:
+                (out,) = self._session.run([self.output_name], {self.input_name: batch})
         except Exception as exc:
             log.exception("%s inference failed on input %s", self.name, batch.shape)
             raise ModelFailure(f"{self.name} inference failed") from exc

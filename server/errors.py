@@ -37,8 +37,16 @@ class NotReady(ClipServeError):
     """The server is starting, draining or its model is unhealthy (UNAVAILABLE)."""
 
 
+class NotFound(ClipServeError):
+    """The request names a model (or version) this server does not serve (NOT_FOUND)."""
+
+
 class Forbidden(ClipServeError):
     """The request asks for something this server does not allow (PERMISSION_DENIED)."""
+
+
+class Unauthenticated(ClipServeError):
+    """The call carries no valid credentials (UNAUTHENTICATED); never echoes what it carried."""
 
 
 class ModelFailure(ClipServeError):

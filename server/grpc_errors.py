@@ -1,7 +1,8 @@
 """The one table from domain errors to gRPC status codes, applied by a server interceptor.
 
 Unknown exceptions never leak internals: the caller gets INTERNAL with a generic message and the
-traceback goes to the log.
+traceback goes to the log. Requests protobuf cannot parse (e.g. a string field that is not UTF-8)
+get INVALID_ARGUMENT naming the field instead of gRPC's INTERNAL (`wire_check`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from clipserve.server.errors import (
     Forbidden,
     InvalidInput,
     ModelFailure,
+    NotFound,
     NotReady,
     Overloaded,
+    Unauthenticated,
 )
+from clipserve.server.wire_check import Malformed, lenient
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +33,17 @@ STATUS_OF: dict[type[ClipServeError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
+    NotFound: grpc.StatusCode.NOT_FOUND,
     Forbidden: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     ModelFailure: grpc.StatusCode.INTERNAL,
 }
 
 INTERNAL_MESSAGE = "internal error; the server logged the details"
+
+#: Method prefixes of the services served through the table: clipserve.v1 and the KServe v2 /
+#: Triton protocol (`inference.GRPCInferenceService`); health and reflection are left alone.
+SERVICE_PREFIXES = ("/clipserve.", "/inference.")
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -52,6 +62,8 @@ Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 def _wrap(method: str, behavior: Behavior) -> Behavior:
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, Malformed):  # protobuf could not parse it (wire_check)
+                raise request.error
             return await behavior(request, context)
         except grpc.aio.AbortError:
             raise
@@ -70,7 +82,7 @@ def _wrap(method: str, behavior: Behavior) -> Behavior:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Applies `STATUS_OF` to the unary methods of the services whose names start with prefixes."""
 
-    def __init__(self, prefixes: tuple[str, ...] = ("/clipserve.",)) -> None:
+    def __init__(self, prefixes: tuple[str, ...] = SERVICE_PREFIXES) -> None:
         self._prefixes = prefixes
 
     async def intercept_service(
@@ -84,6 +96,6 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             return handler
         return grpc.unary_unary_rpc_method_handler(
             _wrap(method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=lenient(handler.request_deserializer),
             response_serializer=handler.response_serializer,
         )

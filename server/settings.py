@@ -27,6 +27,17 @@ class Device(str, enum.Enum):
     CPU = "cpu"
 
 
+class LogFormat(str, enum.Enum):
+    """How log lines are written."""
+
+    TEXT = "text"  # human-readable lines
+    JSON = "json"  # one JSON object per line; access lines carry their fields as keys
+
+
+class ConfigError(ValueError):
+    """A setting names something unusable at start (a missing file or variable, a bad key)."""
+
+
 def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
@@ -49,16 +60,52 @@ class ServerSettings:
     preprocess_workers: int = _opt(
         0, "threads decoding and resizing images (0: every core this process may use)"
     )
+    intra_op_spinning: bool = _opt(
+        False,
+        "let ONNX Runtime threads busy-wait for work between operators (faster only on cores "
+        "that nothing else needs; off leaves them to gRPC and preprocessing)",
+    )
+    gpu_mem_limit_mb: int = _opt(
+        0, "CUDA: memory arena limit of each tower's session in MiB (0: no limit)"
+    )
+    cudnn_conv_algo_search: str = _opt(
+        "heuristic",
+        "CUDA: how cuDNN picks convolution algorithms: heuristic (fast start), exhaustive "
+        "(benchmarks each shape once at warm-up, can be faster) or default",
+    )
+    io_binding: bool = _opt(
+        True,
+        "CUDA: run batches through I/O binding: page-locked staging buffers and bound device "
+        "buffers per batch shape (no effect on CPU)",
+    )
+    cuda_graphs: bool = _opt(
+        False,
+        "CUDA: capture each batch shape as a CUDA graph at warm-up and replay it (less launch "
+        "overhead for small batches; needs --io-binding)",
+    )
+    tensorrt: bool = _opt(
+        False, "use ONNX Runtime's TensorRT execution provider in front of CUDA, when present"
+    )
+    tensorrt_cache_dir: str = _opt(
+        "",
+        "TensorRT engine and timing cache folder, so that engines are built once, not at every "
+        "start (empty: no cache)",
+    )
+    tensorrt_fp16: bool = _opt(False, "let TensorRT run fp32 models in fp16")
     vision_max_batch_size: int = _opt(16, "largest image batch the vision tower runs")
     text_max_batch_size: int = _opt(64, "largest text batch the text tower runs")
     max_queue_delay_us: int = _opt(
         2000, "how long the oldest queued item waits for a batch to fill (microseconds)"
     )
     max_queue_size: int = _opt(
-        2048, "items each tower's queue holds; beyond it requests fail with RESOURCE_EXHAUSTED"
+        2048,
+        "items waiting for each tower (images being decoded included); beyond it requests fail "
+        "at once with RESOURCE_EXHAUSTED",
     )
     queue_timeout_ms: int = _opt(
-        0, "items queued longer than this fail with DEADLINE_EXCEEDED (0: only the call deadline)"
+        0,
+        "work that waited longer than this for compute, counted from admission (decoding "
+        "included), fails with DEADLINE_EXCEEDED (0: only the call deadline)",
     )
     batch_buckets: str = _opt(
         "pow2",
@@ -89,8 +136,68 @@ class ServerSettings:
     max_connection_age_s: float = _opt(
         0.0, "close client connections after this age so clients rebalance (0: never)"
     )
+    session_failure_threshold: int = _opt(
+        3,
+        "consecutive failed batches of a tower after which the server turns NOT_SERVING, "
+        "rebuilds that tower's ONNX Runtime session, warms it up and serves again (0: never)",
+    )
+    max_session_rebuilds: int = _opt(
+        3,
+        "session rebuilds allowed within 10 minutes; one more, or a rebuild that fails, makes "
+        "the server drain and exit with status 70 so that its supervisor restarts it",
+    )
+    tls_cert: str = _opt(
+        "", "PEM certificate chain of the server; with --tls-key the port serves TLS only"
+    )
+    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _opt(
+        "", "PEM CA certificates; when set, clients must present a certificate they signed (mTLS)"
+    )
+    auth_token_file: str = _opt(
+        "",
+        "file of accepted bearer tokens, one per line; with it (or --auth-token-env) every call "
+        "needs the metadata `authorization: Bearer <token>`",
+    )
+    auth_token_env: str = _opt(
+        "",
+        "name of an environment variable holding accepted bearer tokens, comma separated (the "
+        "name, not the token: secrets stay off the command line)",
+    )
+    auth_public_health: bool = _opt(
+        True, "with authentication on, grpc.health.v1 still answers without a token (probes)"
+    )
+    auth_public_reflection: bool = _opt(
+        False, "with authentication on, server reflection still answers without a token"
+    )
+    allow_url_inputs: bool = _opt(
+        False, "fetch Image.url inputs (http and https) from the hosts of --url-allowlist"
+    )
+    url_allowlist: str = _opt(
+        "",
+        "hosts URL inputs may name, comma separated; '*.example.com' matches its subdomains, "
+        "'*' any host (private, loopback and link-local addresses stay refused)",
+    )
+    url_max_bytes: int = _opt(16 << 20, "largest image fetched from a URL (bytes)")
+    url_timeout_s: float = _opt(
+        5.0, "time limit of one URL fetch, redirects included (seconds)"
+    )
+    url_allow_private: bool = _opt(
+        False,
+        "UNSAFE, for tests only: let URL inputs reach private, loopback and link-local "
+        "addresses (server-side request forgery)",
+    )
     warmup: bool = _opt(True, "run every batch shape once before reporting SERVING")
     reflection: bool = _opt(True, "serve gRPC server reflection")
+    metrics: bool = _opt(True, "serve Prometheus metrics (Triton's nv_* names) over HTTP")
+    metrics_port: int = _opt(
+        8002, "HTTP port of /metrics, on --host (0 picks a free port and logs it)"
+    )
+    log_format: LogFormat = _opt(
+        LogFormat.TEXT, "text or json: how log lines, access lines included, are written"
+    )
+    access_log: bool = _opt(
+        True, "write one log line per RPC (method, status, items, latency, queue time)"
+    )
 
     @property
     def max_queue_delay_s(self) -> float:
@@ -112,7 +219,9 @@ class ServerSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("intra_op_threads", "preprocess_workers", "max_queue_delay_us", "port"):
+        for name in (
+            "intra_op_threads", "preprocess_workers", "max_queue_delay_us", "port", "metrics_port"
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.drain_grace_s < 0 or self.max_connection_age_s < 0:
@@ -123,7 +232,30 @@ class ServerSettings:
                 f"max_queue_size ({self.max_queue_size}): such a request could never be queued"
             )
         parse_buckets(self.batch_buckets, self.vision_max_batch_size)
+        if self.cudnn_conv_algo_search.lower() not in ("heuristic", "exhaustive", "default"):
+            raise ValueError(
+                "cudnn_conv_algo_search must be heuristic, exhaustive or default, got "
+                f"{self.cudnn_conv_algo_search!r}"
+            )
+        if self.gpu_mem_limit_mb < 0:
+            raise ValueError(f"gpu_mem_limit_mb must be >= 0, got {self.gpu_mem_limit_mb}")
+        if self.cuda_graphs and not self.io_binding:
+            raise ValueError("cuda_graphs needs io_binding (fixed device buffers per shape)")
         parse_length_buckets(self.text_length_buckets, 77)
+        self._validate_security()
+
+    def _validate_security(self) -> None:
+        """TLS files come in pairs; URL inputs need an allowlist; limits must be usable."""
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("tls_cert and tls_key must be set together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        if self.allow_url_inputs and not self.url_allowlist.strip():
+            raise ValueError("allow_url_inputs needs url_allowlist (a host list, or '*')")
+        if self.url_max_bytes <= 0 or self.url_timeout_s <= 0:
+            raise ValueError("url_max_bytes and url_timeout_s must be positive")
+        if self.session_failure_threshold < 0 or self.max_session_rebuilds < 0:
+            raise ValueError("session_failure_threshold and max_session_rebuilds must be >= 0")
 
 
 def parse_buckets(spec: str, max_batch_size: int) -> tuple[int, ...]:

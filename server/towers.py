@@ -13,7 +13,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
-from clipserve.server.engine import OnnxTower, bucket_for, pad_rows
+from clipserve.server.engine import OnnxTower, bucket_for
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,17 @@ class VisionRunner:
 
     def __call__(self, values: list[np.ndarray], _group: Hashable = None) -> list[np.ndarray]:
         n = len(values)
-        # [n, 3, S, S] -> padded [bucket, 3, S, S]
-        batch = pad_rows(np.stack(values), bucket_for(n, self.batch_buckets))
+        s = self.image_size
+        # [n, 3, S, S] stacked straight into the bucket's reusable buffer [bucket, 3, S, S]
+        batch = self.tower.batch_buffer((bucket_for(n, self.batch_buckets), 3, s, s), np.float32)
+        np.stack(values, out=batch[:n])
+        batch[n:] = 0.0  # padding rows
         return list(self.tower.run(batch)[:n])
+
+    def rebuild(self) -> None:
+        """A fresh session, checked on every batch shape (session recovery)."""
+        self.tower.reload()
+        self.warm_up()
 
     def warm_up(self) -> int:
         """Run every batch bucket once; return the number of shapes run."""
@@ -67,10 +75,16 @@ class TextRunner:
         n = len(values)
         length = int(group) if group is not None else max(len(v) for v in values)  # type: ignore[call-overload]
         # [bucket, length] int64, pad id after each text's end-of-text token
-        batch = np.full((bucket_for(n, self.batch_buckets), length), self.pad_id, dtype=np.int64)
+        batch = self.tower.batch_buffer((bucket_for(n, self.batch_buckets), length), np.int64)
+        batch.fill(self.pad_id)
         for row, ids in enumerate(values):
             batch[row, : len(ids)] = ids
         return list(self.tower.run(batch)[:n])
+
+    def rebuild(self) -> None:
+        """A fresh session, checked on every batch shape (session recovery)."""
+        self.tower.reload()
+        self.warm_up()
 
     def warm_up(self) -> int:
         """Run every (batch bucket, length bucket) shape once; return the number run."""

@@ -14,6 +14,12 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from clipserve.clients import LabelScore
 
 log = logging.getLogger(__name__)
 
@@ -68,29 +74,40 @@ def ensure_repository(path: Path) -> None:
     export_repository(ExportOptions(model=DEMO_MODEL, output=path))
 
 
-async def classify_generated(repository: Path, n: int, seed: int, save: Path | None) -> float:
-    """Serve `repository`, classify `n` generated images; return top-1 accuracy."""
+async def classify_generated(
+    repository: Path, images: list[tuple[Image.Image, int]]
+) -> tuple[str, int, float, list[list[LabelScore]]]:
+    """Serve `repository`, classify `images` through the gRPC client.
+
+    Returns the model name, the port it was served on, the seconds Classify took, and the top 3
+    labels per image.
+    """
     from clipserve import synthetic
     from clipserve.clients import AsyncClipClient
     from clipserve.server.app import ClipServer
     from clipserve.server.settings import ServerSettings
 
-    settings = ServerSettings(model_repository=repository, host="127.0.0.1", port=0)
-    images = list(synthetic.dataset("heldout", n, seed))
-    if save is not None:
-        save.mkdir(parents=True, exist_ok=True)
-        for i, (image, label) in enumerate(images):
-            image.save(save / f"{i:02d}_{synthetic.folder_name(synthetic.CLASSES[label])}.png")
-    async with ClipServer(settings) as server:
-        async with AsyncClipClient(f"127.0.0.1:{server.port}") as client:
-            info = await client.info()
-            started = time.monotonic()
-            results = await client.classify(
-                [image for image, _ in images], list(synthetic.CLASSES),
-                templates=list(synthetic.ZERO_SHOT_TEMPLATES), top_k=3,
-            )
-            elapsed = time.monotonic() - started
-    print(f"\n{info.model_name} served on port {server.port}: "
+    settings = ServerSettings(model_repository=repository, host="127.0.0.1", port=0, metrics=False)
+    server = ClipServer(settings)
+    async with server, AsyncClipClient(f"127.0.0.1:{server.port}") as client:
+        info = await client.info()
+        started = time.monotonic()
+        results = await client.classify(
+            [image for image, _ in images], list(synthetic.CLASSES),
+            templates=list(synthetic.ZERO_SHOT_TEMPLATES), top_k=3,
+        )
+        elapsed = time.monotonic() - started
+    return info.model_name, server.port, elapsed, results
+
+
+def report(
+    model_name: str, port: int, elapsed: float, images: list[tuple[Image.Image, int]],
+    results: list[list[LabelScore]],
+) -> float:
+    """Print one line per image and the top-1 accuracy; return it."""
+    from clipserve import synthetic
+
+    print(f"\n{model_name} served on port {port}: "
           f"{len(images)} generated images x {len(synthetic.CLASSES)} labels "
           f"classified in {elapsed:.2f}s\n")
     correct = 0
@@ -109,9 +126,20 @@ async def classify_generated(repository: Path, n: int, seed: int, save: Path | N
 
 
 def run(args: argparse.Namespace) -> int:
+    from clipserve import synthetic
+
     if args.images < 1:
         print("error: --images must be >= 1", file=sys.stderr)
         return 2
     ensure_repository(args.repository)
-    asyncio.run(classify_generated(args.repository, args.images, args.seed, args.save_images))
+    images = list(synthetic.dataset("heldout", args.images, args.seed))
+    if args.save_images is not None:
+        args.save_images.mkdir(parents=True, exist_ok=True)
+        for i, (image, label) in enumerate(images):
+            name = synthetic.folder_name(synthetic.CLASSES[label])
+            image.save(args.save_images / f"{i:02d}_{name}.png")
+    model_name, port, elapsed, results = asyncio.run(
+        classify_generated(args.repository, images)
+    )
+    report(model_name, port, elapsed, images, results)
     return 0

@@ -29,6 +29,7 @@ from clipserve.server.settings import ServerSettings
 TEST_SETTINGS = {
     "host": "127.0.0.1",
     "port": 0,
+    "metrics_port": 0,
     "intra_op_threads": 1,
     "preprocess_workers": 2,
     "vision_max_batch_size": 8,
@@ -99,7 +100,7 @@ def start_subprocess(repository: Path, *extra: str, ready_timeout: float = 120) 
     command = [
         sys.executable, "-m", "clipserve", "serve",
         "--model-repository", str(repository), "--host", "127.0.0.1", "--port", "0",
-        "--intra-op-threads", "1", *extra,
+        "--metrics-port", "0", "--intra-op-threads", "1", *extra,
     ]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -49,6 +49,8 @@ def test_shutdown_finishes_requests_in_flight_and_refuses_new_ones(tiny_reposito
         assert server.server.drain_report["in_flight"] >= 1
         assert codes.count("OK") >= server.server.drain_report["in_flight"]
         assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+        # the stop task writes the report a few loop turns after the last answer left: wait for it
+        server.call(server.server.stop())
         assert server.server.drain_report["drained"] is True
         with pytest.raises(grpc.RpcError) as info:
             stub.EncodeText(pb.EncodeTextRequest(texts=["late"]), timeout=10)
@@ -165,3 +167,20 @@ def test_shapes_that_disagree_with_the_manifest_are_refused(tiny_repository, tmp
     result = _serve_exit(repo)
     assert result.returncode != 0
     assert "disagrees with the manifest" in result.stderr
+
+
+def test_a_corrupt_tokenizer_is_refused(tiny_repository, tmp_path) -> None:
+    repo = _copy(tiny_repository, tmp_path)
+    (repo / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    result = _serve_exit(repo)
+    assert result.returncode == 3
+    assert "cannot load tokenizer tokenizer.json" in result.stderr
+    assert "on port" not in result.stderr
+
+
+def test_a_manifest_that_is_not_json_is_refused(tiny_repository, tmp_path) -> None:
+    repo = _copy(tiny_repository, tmp_path)
+    (repo / "clipserve.json").write_text("{ not json")
+    result = _serve_exit(repo)
+    assert result.returncode == 3
+    assert "clipserve.json: Expecting property name" in result.stderr

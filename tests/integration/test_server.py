@@ -257,48 +257,7 @@ def rpc_error(call, request) -> grpc.RpcError:
     return info.value
 
 
-@pytest.mark.parametrize(
-    ("method", "request_", "code", "message"),
-    [
-        ("EncodeText", pb.EncodeTextRequest(), "INVALID_ARGUMENT", "texts is empty"),
-        ("EncodeImage", pb.EncodeImageRequest(), "INVALID_ARGUMENT", "images is empty"),
-        ("EncodeImage", pb.EncodeImageRequest(images=[pb.Image(data=b"")] * 300),
-         "INVALID_ARGUMENT", "above the limit of 256 (max_items_per_request)"),
-        ("EncodeImage", pb.EncodeImageRequest(images=[pb.Image(url="http://example.com/a.jpg")]),
-         "PERMISSION_DENIED", "images[0]: URL inputs are disabled"),
-        ("EncodeImage", pb.EncodeImageRequest(images=[pb.Image()]),
-         "INVALID_ARGUMENT", "images[0]: no image data"),
-        ("EncodeText", pb.EncodeTextRequest(texts=["a", "b " * 100], truncation=pb.TRUNCATION_NONE),
-         "INVALID_ARGUMENT", "texts[1]"),
-        ("EncodeText", pb.EncodeTextRequest(texts=["a"], format=42),
-         "INVALID_ARGUMENT", "format 42 is not a known EmbeddingFormat"),
-        ("Classify", pb.ClassifyRequest(images=[pb.Image(data=encode(PHOTOS["coffee"]))]),
-         "INVALID_ARGUMENT", "labels is empty"),
-        ("Classify", pb.ClassifyRequest(images=[pb.Image(data=encode(PHOTOS["coffee"]))],
-                                        labels=["a", "b", "a"]),
-         "INVALID_ARGUMENT", "labels[2]: duplicate of labels[0]"),
-        ("Classify", pb.ClassifyRequest(images=[pb.Image(data=encode(PHOTOS["coffee"]))],
-                                        labels=["a", "b"], templates=["a photo"]),
-         "INVALID_ARGUMENT", "templates[0]: template 'a photo' must contain exactly one '{}'"),
-        ("Classify", pb.ClassifyRequest(images=[pb.Image(data=encode(PHOTOS["coffee"]))],
-                                        labels=["a", "b"], top_k=0),
-         "INVALID_ARGUMENT", "top_k is 0; it must be between 1 and 2"),
-        ("Classify", pb.ClassifyRequest(images=[pb.Image(data=encode(PHOTOS["coffee"]))],
-                                        labels=["a", "b"], top_k=3),
-         "INVALID_ARGUMENT", "top_k is 3"),
-        ("Classify", pb.ClassifyRequest(labels=["a"]), "INVALID_ARGUMENT", "images is empty"),
-        ("Rank", pb.RankRequest(candidates=[pb.RankItem(text="x")]),
-         "INVALID_ARGUMENT", "query is empty"),
-        ("Rank", pb.RankRequest(query=pb.RankItem(text="x"),
-                                candidates=[pb.RankItem(text="y"), pb.RankItem()]),
-         "INVALID_ARGUMENT", "candidates[1]: empty"),
-    ],
-)
-def test_bad_requests_get_a_precise_status(stub, clip_server, method, request_, code, message):
-    error = rpc_error(getattr(stub, method), request_)
-    assert error.code().name == code
-    assert message in error.details()
-    assert health_status(clip_server.address) == "SERVING"
+# Every malformed request, with its exact status and message: tests/integration/test_bad_input.py
 
 
 def test_an_undecodable_image_is_named_and_other_items_are_not_affected(stub) -> None:

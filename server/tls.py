@@ -1,0 +1,35 @@
+"""TLS and mutual TLS for the gRPC port, from PEM files named by the settings."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import grpc
+
+from clipserve.server.settings import ConfigError, ServerSettings
+
+log = logging.getLogger(__name__)
+
+
+def _read(setting: str, path: str) -> bytes:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror or exc})") from None
+    if b"-----BEGIN " not in data:
+        raise ConfigError(f"{setting}: {path} holds no PEM block")
+    return data
+
+
+def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | None:
+    """TLS credentials when `tls_cert` is set (mutual TLS with `tls_client_ca`), else None."""
+    if not settings.tls_cert:
+        return None
+    cert = _read("tls_cert", settings.tls_cert)
+    key = _read("tls_key", settings.tls_key)
+    client_ca = _read("tls_client_ca", settings.tls_client_ca) if settings.tls_client_ca else None
+    log.info("TLS on%s", " with client certificates required (mTLS)" if client_ca else "")
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
