@@ -61,9 +61,21 @@ class ChannelSettings:
         return self.tls or self.root_certificates is not None or self.private_key is not None
 
 
+#: Health service the client watches with round_robin (the server's grpc.health.v1 name).
+HEALTH_SERVICE = "clipserve.v1.ClipService"
+
+
 def service_config(load_balancing: LoadBalancing) -> str:
-    """The ``grpc.service_config`` JSON that selects a client-side load-balancing policy."""
-    return json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})
+    """The ``grpc.service_config`` JSON that selects a client-side load-balancing policy.
+
+    With round_robin the channel also watches each backend's grpc.health.v1 status, so a
+    draining server (NOT_SERVING) leaves the rotation at once instead of refusing calls until
+    its port closes.
+    """
+    config: dict[str, object] = {"loadBalancingConfig": [{load_balancing: {}}]}
+    if load_balancing == "round_robin":
+        config["healthCheckConfig"] = {"serviceName": HEALTH_SERVICE}
+    return json.dumps(config)
 
 
 def channel_options(settings: ChannelSettings) -> list[ChannelOption]:

@@ -574,9 +574,12 @@ def test_client_settings_are_validated() -> None:
 def test_round_robin_via_service_config() -> None:
     options = dict(channel_options(ChannelSettings("dns:///clip.ns.svc:8001", "round_robin")))
     assert json.loads(options["grpc.service_config"]) == {
-        "loadBalancingConfig": [{"round_robin": {}}]
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "healthCheckConfig": {"serviceName": "clipserve.v1.ClipService"},
     }
     assert "grpc.service_config" not in dict(channel_options(ChannelSettings()))
+    pick_first = dict(channel_options(ChannelSettings("localhost:8001", "pick_first")))
+    assert "healthCheckConfig" not in json.loads(pick_first["grpc.service_config"])
 
 
 def test_message_limits_keepalive_and_overrides() -> None:
