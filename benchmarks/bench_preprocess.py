@@ -13,7 +13,9 @@ mean absolute difference to open_clip's output in 8-bit pixel units, i.e.
 ``mean(|ours - ref| * std) * 255`` over all values of the un-normalised tensors, averaged over
 the photos ("mean"); "worst" is the largest per-image value of each set.
 
-    .venv/bin/python benchmarks/bench_preprocess.py [--rounds 7] [--seconds 1.0]
+    .venv/bin/python benchmarks/bench_preprocess.py [--rounds 7] [--seconds 1.0] [--json]
+
+``--json`` prints one JSON object instead of the table (`clipserve bench` reads it).
 
 Needs the export/test extras (torch, open_clip_torch, scikit-image); the server does not.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -91,15 +94,8 @@ def rate(fn: Callable[[bytes], object], images: list[bytes], seconds: float) -> 
             return count / max(cpu, 1e-9), count / wall
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--seconds", type=float, default=1.0, help="per implementation per round")
-    parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--resize-mode", default="shortest")
-    parser.add_argument("--interpolation", default="bicubic")
-    args = parser.parse_args()
-
+def measure(args: argparse.Namespace) -> dict[str, object]:
+    """Every implementation at every size: per-core and wall rates, ratio, parity."""
     torch.set_num_threads(1)
     cfg = Preprocess(args.size, MEAN, STD, args.interpolation, args.resize_mode)
     reference = image_transform_v2(
@@ -119,14 +115,8 @@ def main() -> None:
         "clipserve exact": exact.decode,
         "clipserve fast": fast.decode,
     }
-    print(
-        f"open_clip {open_clip.__version__}, torch {torch.__version__}, Pillow {Image.__version__},"
-        f" numpy {np.__version__}; size={args.size} resize_mode={args.resize_mode}"
-        f" interpolation={args.interpolation}; {args.rounds} rounds x {args.seconds:.1f} s"
-    )
-    header = f"{'JPEG':>10}  {'implementation':<16} {'img/s/core':>10} {'img/s wall':>10}"
-    print(header + f" {'vs open_clip':>12} {'parity mean':>11} {'worst':>7} {'detail':>7}")
-    for width, height in SIZES:
+    rows = []
+    for width, height in args.sizes:
         images = photos(width, height)
         hard = [detail(width, height, seed) for seed in range(2)]
         refs = [reference(Image.open(io.BytesIO(b))).numpy() for b in images]
@@ -143,10 +133,67 @@ def main() -> None:
             worst = max(
                 pixel_error(np.asarray(fn(b)), r) for b, r in zip(hard, hard_refs, strict=True)
             )
-            print(
-                f"{width}x{height:<5}  {name:<16} {cpu:10.1f} {wall:10.1f} {cpu / base:11.2f}x"
-                f" {statistics.fmean(errors):11.4f} {max(errors):7.4f} {worst:7.4f}"
+            rows.append(
+                {
+                    "size": f"{width}x{height}",
+                    "implementation": name,
+                    "per_core": cpu,
+                    "wall": wall,
+                    "vs_open_clip": cpu / base,
+                    "parity_mean": statistics.fmean(errors),
+                    "parity_worst": max(errors),
+                    "detail_worst": worst,
+                }
             )
+    return {
+        "versions": {
+            "open_clip": open_clip.__version__,
+            "torch": torch.__version__,
+            "Pillow": Image.__version__,
+            "numpy": np.__version__,
+        },
+        "rounds": args.rounds,
+        "seconds": args.seconds,
+        "rows": rows,
+    }
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.partition("x")
+    return int(width), int(height)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--seconds", type=float, default=1.0, help="per implementation per round")
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--resize-mode", default="shortest")
+    parser.add_argument("--interpolation", default="bicubic")
+    parser.add_argument(
+        "--sizes", type=_size, nargs="+", default=list(SIZES), metavar="WxH",
+        help="JPEG sizes (default: 640x480 1920x1080)",
+    )
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    result = measure(args)
+    if args.json:
+        print(json.dumps(result))
+        return
+    v = result["versions"]
+    print(
+        f"open_clip {v['open_clip']}, torch {v['torch']}, Pillow {v['Pillow']},"
+        f" numpy {v['numpy']}; size={args.size} resize_mode={args.resize_mode}"
+        f" interpolation={args.interpolation}; {args.rounds} rounds x {args.seconds:.1f} s"
+    )
+    header = f"{'JPEG':>10}  {'implementation':<16} {'img/s/core':>10} {'img/s wall':>10}"
+    print(header + f" {'vs open_clip':>12} {'parity mean':>11} {'worst':>7} {'detail':>7}")
+    for row in result["rows"]:
+        print(
+            f"{row['size']:>10}  {row['implementation']:<16} {row['per_core']:10.1f}"
+            f" {row['wall']:10.1f} {row['vs_open_clip']:11.2f}x {row['parity_mean']:11.4f}"
+            f" {row['parity_worst']:7.4f} {row['detail_worst']:7.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from clipserve.repository import RepositoryError
-from clipserve.server.binding import IoBinder
+from clipserve.server.binding import CUDA_GRAPH_WARMUP_RUNS, IoBinder
 from clipserve.server.errors import ModelFailure
 from clipserve.server.settings import Device
 
@@ -164,6 +164,12 @@ class OnnxTower:
             self._session, self.input_name, self.output_name, dim, device="cuda",
             cuda_graphs=self._options.cuda_graphs,
         )
+
+    @property
+    def warmup_runs(self) -> int:
+        """Runs of each shape at warm-up: CUDA graphs are captured only after a few runs."""
+        graphs = self._binder is not None and self._binder.cuda_graphs
+        return CUDA_GRAPH_WARMUP_RUNS if graphs else 1
 
     def batch_buffer(self, shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarray:
         """A reusable host buffer for a batch of `shape`: fill it and pass it to `run`.

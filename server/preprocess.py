@@ -274,10 +274,19 @@ class ImagePreprocessor:
                 raise InvalidInput(f"image is truncated or corrupt: {_describe(exc)}") from None
 
     def from_tensor(
-        self, shape: Sequence[int], dtype: str, data: bytes, *, out: np.ndarray | None = None
+        self, shape: Sequence[int], dtype: str, data: bytes, *, out: np.ndarray | None = None,
+        copy: bool = True,
     ) -> np.ndarray:
-        """A preprocessed little-endian float32/float16 tensor -> float32 [3, S, S] (a copy)."""
-        out = self._check_out(out)
+        """A preprocessed little-endian float32/float16 tensor -> float32 [3, S, S] (a copy).
+
+        ``copy=False`` (and no ``out``): float32 data on a little-endian machine comes back as
+        a read-only view of ``data`` instead, checked all the same (the server stacks the batch
+        from it, so a copy here would be one copy too many).
+        """
+        view_ok = (
+            not copy and out is None and dtype == "float32" and np.dtype("<f4") == np.float32
+        )
+        out = None if view_ok else self._check_out(out)
         expected = list(self.output_shape)
         np_dtype = _TENSOR_DTYPES.get(dtype)
         if np_dtype is None:
@@ -290,7 +299,10 @@ class ImagePreprocessor:
                 f"tensor data has {len(data)} bytes, expected {want} for {dtype} {expected}"
             )
         src = np.frombuffer(data, dtype=np_dtype).reshape(expected)  # [3, S, S]
-        out[...] = src
+        if out is None:
+            out = src  # read-only, shares the request's bytes
+        else:
+            out[...] = src
         bad = out.size - int(np.count_nonzero(np.isfinite(out)))
         if bad:
             raise InvalidInput(f"tensor contains NaN or Inf ({bad} of {out.size} values)")

@@ -44,7 +44,8 @@ class VisionRunner:
         """Run every batch bucket once; return the number of shapes run."""
         s = self.image_size
         for size in self.batch_buckets:
-            self.tower.run(np.zeros((size, 3, s, s), dtype=np.float32))
+            for _ in range(self.tower.warmup_runs):
+                self.tower.run(np.zeros((size, 3, s, s), dtype=np.float32))
         return len(self.batch_buckets)
 
 
@@ -92,7 +93,8 @@ class TextRunner:
             for size in self.batch_buckets:
                 ids = np.full((size, length), self.pad_id, dtype=np.int64)
                 ids[:, -1] = self.eot_id
-                self.tower.run(ids)
+                for _ in range(self.tower.warmup_runs):
+                    self.tower.run(ids)
         return len(self.length_buckets) * len(self.batch_buckets)
 
 

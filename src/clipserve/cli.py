@@ -1,4 +1,4 @@
-"""The `clipserve` command: export, serve, client.
+"""The `clipserve` command: export, serve, client, demo, eval.
 
 Each sub-command lives in its own module with ``add_parser(subparsers, name, help)`` and
 ``run(args)``. Those modules stay light at import (flags only); each imports its heavy
@@ -21,6 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("clipserve.server.cli", "serve a model repository over gRPC"),
     "client": ("clipserve.clients.cli", "call a running server (encode, classify, rank, info)"),
     "demo": ("clipserve.demo", "export the built-in demo model, serve it, classify (offline)"),
+    "eval": ("clipserve.clients.eval_cli", "measure a running server's zero-shot accuracy, recall"),
+    "bench": ("clipserve.bench.cli", "benchmark clipserve side by side with its reference points"),
 }
 
 

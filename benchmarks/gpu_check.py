@@ -1,0 +1,170 @@
+"""The GPU check's measurements (run by benchmarks/gpu_check.sh, which installs and exports).
+
+For an fp32 and an fp16 repository of the same model: fp16 parity against fp32 on the device,
+images/s of the raw session at every batch bucket (plain `session.run`, I/O binding, CUDA
+graphs), then images/s through gRPC (tensors and JPEGs, several load-generator processes),
+texts/s, and the GPU memory in use after each step. Prints one line per figure and writes
+everything to a JSON file.
+
+    python benchmarks/gpu_check.py --fp32 REPO --fp16 REPO [--device cuda] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+with contextlib.suppress(ImportError):  # the GPU machine's PyTorch brings the CUDA 13
+    import torch  # noqa: F401  # libraries that ONNX Runtime's CUDA provider needs
+import onnxruntime as ort
+
+from clipserve.bench.measure import Sample, engine_sample, load_point, merged
+from clipserve.bench.servers import InProcessServer, LoadGenerator
+from clipserve.repository import load_manifest
+from clipserve.server.engine import EngineOptions, OnnxTower
+from clipserve.server.settings import Device
+
+log = logging.getLogger("gpu_check")
+RESULTS: dict[str, Any] = {}
+
+
+def say(key: str, value: Any, text: str) -> None:
+    RESULTS[key] = value
+    print(text, flush=True)
+
+
+def gpu_memory_mib() -> list[int]:
+    """Memory in use per GPU (nvidia-smi), [] where there is none."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, timeout=20, check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [int(line) for line in out.split() if line.strip().isdigit()]
+
+
+def tower(repo: Path, device: Device, **options: Any) -> OnnxTower:
+    manifest = load_manifest(repo)
+    return OnnxTower("vision", repo / manifest.vision.file, manifest.vision.input,
+                     manifest.vision.output, EngineOptions(device=device, **options))
+
+
+def parity(fp32: Path, fp16: Path, device: Device) -> None:
+    rng = np.random.default_rng(0)
+    batch = rng.standard_normal((16, 3, 224, 224), dtype=np.float32)  # [16, 3, S, S]
+    a = tower(fp32, device, io_binding=False).run(batch)
+    b = tower(fp16, device, io_binding=False).run(batch)
+    cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    say("fp16_vs_fp32_min_cosine", float(cosine.min()),
+        f"fp16 vs fp32 vision embeddings on {device.value}: min cosine {cosine.min():.6f} "
+        f"(16 images; the export gate is 0.999 against PyTorch)")
+
+
+def raw_sessions(name: str, repo: Path, device: Device, buckets: list[int],
+                 seconds: float) -> None:
+    variants = {"session.run": {"io_binding": False}, "I/O binding": {"io_binding": True}}
+    if device is Device.CUDA:
+        variants["CUDA graphs"] = {"io_binding": True, "cuda_graphs": True}
+    size = load_manifest(repo).preprocess.size
+    rng = np.random.default_rng(0)
+    for variant, options in variants.items():
+        t = tower(repo, device, **options)
+        for bucket in buckets:
+            batch = t.batch_buffer((bucket, 3, size, size), np.float32)
+            batch[...] = rng.standard_normal(batch.shape, dtype=np.float32)
+            for _ in range(3):  # CUDA graphs are captured after a few runs of a shape
+                t.run(batch)
+            rate = engine_sample(t.run, batch, seconds).stats().items_per_s
+            say(f"raw/{name}/{variant}/{bucket}", rate,
+                f"raw {name} {variant:<12} batch {bucket:>3}: {rate:8.1f} images/s")
+        del t
+    say(f"gpu_mib/after_raw_{name}", gpu_memory_mib(), f"GPU memory in use: {gpu_memory_mib()} MiB")
+
+
+def parallel(loadgens: list[LoadGenerator], **command: Any) -> Sample:
+    """The same load from every load generator at once; one merged sample (rates add up)."""
+    with ThreadPoolExecutor(len(loadgens)) as pool:
+        samples = list(pool.map(lambda lg: load_point(lg, **command), loadgens))
+    total = merged(samples)
+    total.seconds = max(s.seconds for s in samples)  # they ran side by side
+    return total
+
+
+def served(name: str, repo: Path, device: Device, processes: int, seconds: float,
+           settings: dict[str, Any]) -> None:
+    loadgens = [LoadGenerator() for _ in range(processes)]
+    try:
+        with InProcessServer(repo, device=device, **settings) as server:
+            say(f"gpu_mib/serving_{name}", gpu_memory_mib(),
+                f"GPU memory after warm-up ({name}): {gpu_memory_mib()} MiB")
+            for scenario, items, clients in (
+                ("tensor", 8, 16), ("tensor", 16, 16), ("jpeg_640x480", 8, 16),
+                ("jpeg_1920x1080", 4, 16), ("text_short", 16, 32),
+            ):
+                sample = parallel(loadgens, address=server.address, scenario=scenario,
+                                  concurrency=clients, items=items, seconds=seconds,
+                                  warmup_s=1.0, server=server)
+                stats = sample.stats()
+                tag = f"{scenario} x{items}/request, {processes}x{clients} clients"
+                say(f"grpc/{name}/{scenario}/{items}", stats.to_dict(),
+                    f"gRPC {name} {tag}: {stats.items_per_s:8.1f} items/s, p50 "
+                    f"{stats.p50_ms:.1f} ms, p99 {stats.p99_ms:.1f} ms, batch "
+                    f"{stats.mean_batch or 0:.1f}, errors {stats.errors}")
+            say(f"gpu_mib/after_grpc_{name}", gpu_memory_mib(),
+                f"GPU memory in use: {gpu_memory_mib()} MiB")
+    finally:
+        for lg in loadgens:
+            lg.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fp32", type=Path, required=True)
+    parser.add_argument("--fp16", type=Path, required=True)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--buckets", default="1,8,16,32,64,128")
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--processes", type=int, default=6, help="load-generator processes")
+    parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if hasattr(ort, "preload_dlls") and args.device == "cuda":
+        ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* packages, where installed
+    device = Device(args.device)
+    buckets = [int(b) for b in args.buckets.split(",")]
+    started = time.monotonic()
+    say("gpu_mib/start", gpu_memory_mib(), f"GPU memory in use at start: {gpu_memory_mib()} MiB")
+    steps = [
+        ("parity", lambda: parity(args.fp32, args.fp16, device)),
+        ("raw fp16", lambda: raw_sessions("fp16", args.fp16, device, buckets, args.seconds)),
+        ("raw fp32", lambda: raw_sessions("fp32", args.fp32, device, buckets[:4], args.seconds)),
+        ("grpc fp16", lambda: served(
+            "fp16", args.fp16, device, args.processes, args.seconds * 2,
+            {"vision_max_batch_size": max(buckets), "text_max_batch_size": 256,
+             "max_items_per_request": 256, "max_queue_size": 8192,
+             "max_concurrent_requests": 4096},
+        )),
+    ]
+    for name, step in steps:
+        try:
+            step()
+        except Exception as exc:  # report and go on: one broken step must not hide the rest
+            log.exception("step %s failed", name)
+            say(f"failed/{name}", repr(exc), f"STEP FAILED: {name}: {exc!r}")
+        args.out.write_text(json.dumps(RESULTS, indent=2, default=str))
+    print(f"gpu check measured in {time.monotonic() - started:.0f}s; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,568 @@
+"""The bench's plan and its sections; each section measures and returns rows and targets.
+
+A section that fails (a missing extra, a server that does not start) records why and the run
+goes on: its targets read "not measured" with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipserve.bench import payloads
+from clipserve.bench.measure import Sample, engine_sample, interleave, load_point, merged
+from clipserve.bench.servers import (
+    InProcessServer,
+    LoadGenerator,
+    SubprocessServer,
+    clipserve_command,
+    proc_status,
+)
+from clipserve.bench.stats import ratio
+from clipserve.bench.targets import TARGETS, TargetResult, result
+
+log = logging.getLogger(__name__)
+
+TINY = "tiny"
+#: model key -> open_clip architecture exported with --pretrained none (random weights)
+ARCHITECTURES = {TINY: "clipserve-demo", "ViT-B-32": "ViT-B-32", "ViT-L-14": "ViT-L-14"}
+SECTIONS = ("sweep", "engine", "batching", "pytorch", "preprocess", "tokenizer", "lengths",
+            "labels", "memory")  # fmt: skip
+SECTION_TARGETS = {
+    "engine": ("engine_fraction",), "batching": ("batching_speedup",),
+    "pytorch": ("vs_pytorch",), "preprocess": ("preprocess_speedup",),
+    "tokenizer": ("tokenizer_speedup",), "lengths": ("length_buckets_speedup",),
+    "labels": ("label_cache_speedup",), "memory": ("memory_peak_ratio", "memory_growth"),
+}
+
+
+@dataclass
+class Plan:
+    """What one run measures; `quick` shrinks every window and drops the large models."""
+
+    quick: bool
+    work_dir: Path
+    repositories: dict[str, Path] = field(default_factory=dict)  # given with --repository
+    skip: frozenset[str] = frozenset()
+    seconds: float = 4.0
+    warmup_s: float = 1.0
+    rounds: int = 3
+    concurrency: tuple[int, ...] = (1, 4, 16, 32)
+    memory_requests: int = 10_000
+    memory_model: str = "ViT-L-14"
+    image_model: str = "ViT-B-32"  # engine fraction, vs PyTorch
+    intra_op_threads: int = 0
+    preprocess_workers: int = 0
+
+    @classmethod
+    def create(cls, quick: bool, work_dir: Path, **overrides: Any) -> Plan:
+        if quick:
+            base: dict[str, Any] = dict(
+                seconds=0.6, warmup_s=0.2, rounds=1, concurrency=(1, 8), memory_requests=300,
+                memory_model=TINY, image_model=TINY,
+            )
+        else:
+            base = {}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(quick=quick, work_dir=work_dir, **base)
+
+    def runs(self, section: str) -> bool:
+        return section not in self.skip
+
+    def server_overrides(self) -> dict[str, Any]:
+        return {
+            "intra_op_threads": self.intra_op_threads,
+            "preprocess_workers": self.preprocess_workers,
+        }
+
+
+@dataclass
+class Outcome:
+    """Everything a run produced, in the order the report shows it."""
+
+    points: list[dict[str, Any]] = field(default_factory=list)
+    targets: list[TargetResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def point(self, model: str, system: str, scenario: str, concurrency: int, sample: Sample,
+              **more: Any) -> dict[str, Any]:
+        row = {"model": model, "system": system, "scenario": scenario,
+               "concurrency": concurrency, **sample.stats().to_dict(), **more}
+        if sample.error_sample:
+            row["error_sample"] = sample.error_sample
+        self.points.append(row)
+        log.info(
+            "%s %s %s c=%d: %.1f items/s p50 %.1f ms p99 %.1f ms batch %s",
+            model, system, scenario, concurrency, row["items_per_s"], row["p50_ms"],
+            row["p99_ms"], "-" if row["mean_batch"] is None else f"{row['mean_batch']:.1f}",
+        )
+        return row
+
+
+# -- repositories and helpers ---------------------------------------------------------------
+def source_root() -> Path | None:
+    """The source checkout (for benchmarks/), or None when clipserve is installed as a wheel."""
+    import clipserve
+
+    root = Path(clipserve.__file__).resolve().parents[2]
+    return root if (root / "benchmarks" / "torch_server.py").is_file() else None
+
+
+def repository(plan: Plan, model: str) -> Path:
+    """The repository of `model`: given, cached in the work dir, or exported now."""
+    if model in plan.repositories:
+        return plan.repositories[model]
+    path = plan.work_dir / model
+    if not (path / "clipserve.json").is_file():
+        log.info("exporting %s (--pretrained none) to %s", ARCHITECTURES[model], path)
+        started = time.monotonic()
+        subprocess.run(
+            [sys.executable, "-m", "clipserve", "--log-level", "WARNING", "export", "--model",
+             ARCHITECTURES[model], "--pretrained", "none", "--output", str(path), "--force"],
+            check=True,
+        )
+        log.info("exported %s in %.0fs", model, time.monotonic() - started)
+    return path
+
+
+def model_files_bytes(root: Path) -> int:
+    """Bytes of the ONNX towers (external data included) that the server loads."""
+    return sum(
+        f.stat().st_size for tower in ("clip_vision", "clip_text")
+        for f in (root / tower).rglob("*") if f.is_file() and f.name != "config.pbtxt"
+    )
+
+
+def image_size(root: Path) -> int:
+    return int(json.loads((root / "clipserve.json").read_text())["preprocess"]["size"])
+
+
+@contextmanager
+def section(outcome: Outcome, name: str, *target_keys: str) -> Iterator[None]:
+    """Run a section; on failure note why and mark its targets as not measured."""
+    started = time.monotonic()
+    log.info("-- %s", name)
+    try:
+        yield
+    except Exception as exc:
+        log.exception("section %s failed", name)
+        lines = [line for line in str(exc).splitlines() if line.strip()] or [""]
+        last = f" ... {lines[-1].strip()}" if len(lines) > 1 else ""
+        reason = f"{name} failed: {type(exc).__name__}: {lines[0]}"[:300] + last[:300]
+        outcome.notes.append(reason)
+        done = {t.target.key for t in outcome.targets}
+        outcome.targets += [result(k, None, reason) for k in target_keys if k not in done]
+    finally:
+        log.info("-- %s took %.0fs", name, time.monotonic() - started)
+
+
+def skipped(outcome: Outcome, reason: str, *keys: str) -> None:
+    outcome.targets += [result(k, None, reason) for k in keys]
+
+
+# -- sections -------------------------------------------------------------------------------
+def sweep(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessServer,
+          model: str, scenarios: tuple[str, ...]) -> None:
+    """Every scenario at every concurrency: the table and the plot."""
+    size = image_size(Path(server.settings.model_repository))
+    levels = [c for c in plan.concurrency if model == TINY or c <= IMAGE_MODEL_MAX_CLIENTS]
+    for scenario in scenarios:
+        for concurrency in levels:
+            sample = load_point(
+                lg, server.address, scenario, concurrency, seconds=plan.seconds,
+                warmup_s=plan.warmup_s, image_size=size, server=server,
+            )
+            outcome.point(model, "clipserve", scenario, concurrency, sample, sweep=True)
+
+
+def engine_fraction(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessServer,
+                    model: str, clients: int = 16) -> None:
+    """Served tensors at `clients` vs the raw session at its best batch size, interleaved."""
+    from clipserve.repository import load_manifest
+    from clipserve.server.engine import EngineOptions, OnnxTower
+    from clipserve.server.settings import parse_buckets
+
+    root = Path(server.settings.model_repository)
+    manifest = load_manifest(root)
+    s = server.settings
+    tower = OnnxTower(
+        "vision", root / manifest.vision.file, manifest.vision.input, manifest.vision.output,
+        EngineOptions(device=s.device, intra_op_threads=s.intra_op_threads),
+    )
+    size = manifest.preprocess.size
+    rng = np.random.default_rng(0)
+    buckets = parse_buckets(s.batch_buckets, s.vision_max_batch_size)
+    window = max(plan.seconds / 2, 0.3)
+    by_size = {}
+    for bucket in buckets:  # [n, 3, S, S]
+        batch = rng.standard_normal((bucket, 3, size, size), dtype=np.float32)
+        by_size[bucket] = (batch, engine_sample(tower.run, batch, window).stats().items_per_s)
+    best = max(by_size, key=lambda b: by_size[b][1])
+    log.info("engine items/s by batch size: %s; best %d",
+             {b: round(v[1], 1) for b, v in by_size.items()}, best)
+    batch = by_size[best][0]
+    taken = interleave(plan.rounds, {
+        "engine": lambda: engine_sample(tower.run, batch, plan.seconds),
+        "served": lambda: load_point(lg, server.address, "tensor", clients, seconds=plan.seconds,
+                                     warmup_s=plan.warmup_s, image_size=size, server=server),
+    })
+    engine = outcome.point(model, f"raw ORT session, batch {best}", "tensor", 1, taken["engine"])
+    served = outcome.point(model, "clipserve", "tensor", clients, taken["served"])
+    outcome.extra["engine_by_batch"] = {str(b): v[1] for b, v in by_size.items()}
+    outcome.targets.append(result(
+        "engine_fraction", ratio(served["items_per_s"], engine["items_per_s"]),
+        f"{model}: served {served['items_per_s']:.1f} items/s at {clients} clients (mean batch "
+        f"{served['mean_batch'] or 0:.1f}) vs raw session {engine['items_per_s']:.1f} items/s at "
+        f"batch {best}",
+    ))
+
+
+def batching(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessServer,
+             model: str, clients: int = 32) -> None:
+    """EncodeText short at `clients`: dynamic batching vs max batch size 1, interleaved."""
+    off = InProcessServer(
+        Path(server.settings.model_repository), vision_max_batch_size=1, text_max_batch_size=1,
+        **plan.server_overrides(),
+    ).start()
+    try:
+        taken = interleave(plan.rounds, {
+            system: (lambda srv=srv: load_point(
+                lg, srv.address, "text_short", clients, seconds=plan.seconds,
+                warmup_s=plan.warmup_s, server=srv))
+            for system, srv in (("on", server), ("off", off))
+        })
+    finally:
+        off.stop()
+    on = outcome.point(model, "clipserve", "text_short", clients, taken["on"])
+    no = outcome.point(model, "clipserve, batching off", "text_short", clients, taken["off"])
+    outcome.targets.append(result(
+        "batching_speedup", ratio(on["items_per_s"], no["items_per_s"]),
+        f"{model}: {on['items_per_s']:.0f} vs {no['items_per_s']:.0f} texts/s at {clients} "
+        f"clients (mean batch {on['mean_batch'] or 0:.1f} vs 1)",
+    ))
+
+
+def vs_pytorch(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessServer,
+               model: str, clients: int = 16, scenario: str = "jpeg_640x480") -> None:
+    """clipserve vs open_clip per request in a plain grpc.aio server, same JPEGs, interleaved."""
+    root = source_root()
+    if root is None:
+        raise RuntimeError("the PyTorch reference server lives in a source checkout (benchmarks/)")
+    manifest = json.loads((Path(server.settings.model_repository) / "clipserve.json").read_text())
+    arch = manifest["source"]["model_name"]
+    torch_server = SubprocessServer(
+        [sys.executable, str(root / "benchmarks" / "torch_server.py"), "--model", arch],
+        "PyTorch reference server",
+    ).start()
+    try:
+        outcome.extra["pytorch_parity_cosine"] = _same_embedding(server.address,
+                                                                 torch_server.address)
+        taken = interleave(plan.rounds, {
+            "clipserve": lambda: load_point(lg, server.address, scenario, clients,
+                                            seconds=plan.seconds, warmup_s=plan.warmup_s,
+                                            server=server),
+            "pytorch": lambda: load_point(lg, torch_server.address, scenario, clients,
+                                          seconds=plan.seconds, warmup_s=plan.warmup_s),
+        })
+    finally:
+        torch_server.stop()
+    ours = outcome.point(model, "clipserve", scenario, clients, taken["clipserve"])
+    ref = outcome.point(model, "PyTorch per request (grpc.aio)", scenario, clients,
+                        taken["pytorch"])
+    outcome.targets.append(result(
+        "vs_pytorch", ratio(ours["items_per_s"], ref["items_per_s"]),
+        f"{model}, {scenario}: {ours['items_per_s']:.1f} vs {ref['items_per_s']:.1f} images/s at "
+        f"{clients} clients; embedding cosine between the two "
+        f"{outcome.extra['pytorch_parity_cosine']:.6f}",
+    ))
+
+
+def _same_embedding(ours: str, theirs: str) -> float:
+    """Cosine between the two servers' embeddings of the same JPEG (same weights expected)."""
+    import grpc
+
+    from clipserve.v1 import clip_service_pb2 as pb
+    from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
+
+    data, _ = payloads.photos(640, 480)
+    request = pb.EncodeImageRequest(images=[pb.Image(data=data[0])])
+    vectors = []
+    for address in (ours, theirs):
+        with grpc.insecure_channel(address) as channel:
+            reply = pb_grpc.ClipServiceStub(channel).EncodeImage(request, timeout=120)
+        vectors.append(np.asarray(reply.embeddings[0].values, dtype=np.float64))
+    a, b = vectors
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def length_buckets(plan: Plan, outcome: Outcome, server: InProcessServer, model: str,
+                   chunk: int = 50, in_flight: int = 4) -> None:
+    """The 1,000 ImageNet prompts: default length buckets vs forced to 77, interleaved."""
+    forced = InProcessServer(
+        Path(server.settings.model_repository), text_length_buckets="77",
+        **plan.server_overrides(),
+    ).start()
+    prompts = payloads.imagenet_prompts()[: 200 if plan.quick else None]
+    embeddings: dict[str, np.ndarray] = {}
+    times: dict[str, list[float]] = {"buckets": [], "77": []}
+    try:
+        for _ in range(max(1, plan.rounds - 1)):
+            for name, srv in (("buckets", server), ("77", forced)):
+                seconds, matrix = _encode_all(srv.address, prompts, chunk, in_flight)
+                times[name].append(seconds)
+                embeddings.setdefault(name, matrix)
+    finally:
+        forced.stop()
+    a, b = embeddings["buckets"], embeddings["77"]
+    diff = float(np.abs(a - b).max())
+    cosine = float(np.min(np.sum(a * b, axis=1)))
+    t_buckets, t_77 = statistics.median(times["buckets"]), statistics.median(times["77"])
+    n = len(prompts)
+    for name, t in (("clipserve", t_buckets), ("clipserve, --text-length-buckets 77", t_77)):
+        outcome.points.append({
+            "model": model, "system": name, "scenario": "imagenet_prompts",
+            "concurrency": in_flight, "requests": n // chunk, "items": n, "seconds": t,
+            "items_per_s": n / t, "requests_per_s": n / chunk / t,
+        })
+    outcome.extra["length_buckets"] = {"max_abs_diff": diff, "min_cosine": cosine}
+    outcome.targets.append(result(
+        "length_buckets_speedup", ratio(t_77, t_buckets),
+        f"{model}: {n / t_buckets:.0f} vs {n / t_77:.0f} texts/s ({n} prompts in requests of "
+        f"{chunk}, {in_flight} in flight); embeddings max |diff| {diff:.2e}, min cosine "
+        f"{cosine:.7f}",
+    ))
+
+
+def _encode_all(address: str, texts: list[str], chunk: int, in_flight: int,
+                ) -> tuple[float, np.ndarray]:
+    """EncodeText of every text, `chunk` per request, `in_flight` requests at a time."""
+    import grpc
+
+    from clipserve.v1 import clip_service_pb2 as pb
+    from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
+
+    requests = [
+        pb.EncodeTextRequest(texts=texts[i : i + chunk], format=pb.EMBEDDING_FORMAT_FP32_BYTES)
+        for i in range(0, len(texts), chunk)
+    ]
+    rows: list[np.ndarray] = [np.empty(0)] * len(requests)
+    with grpc.insecure_channel(address) as channel:
+        stub = pb_grpc.ClipServiceStub(channel)
+        started = time.perf_counter()
+        pending: list[tuple[int, Any]] = []
+        for index, request in enumerate(requests):
+            pending.append((index, stub.EncodeText.future(request, timeout=600)))
+            if len(pending) >= in_flight:
+                i, future = pending.pop(0)
+                rows[i] = _matrix(future.result())
+        for i, future in pending:
+            rows[i] = _matrix(future.result())
+        seconds = time.perf_counter() - started
+    return seconds, np.concatenate(rows)
+
+
+def _matrix(reply: Any) -> np.ndarray:
+    return np.stack([np.frombuffer(e.raw, dtype="<f4") for e in reply.embeddings])
+
+
+def label_cache(plan: Plan, outcome: Outcome, server: InProcessServer, model: str) -> None:
+    """Classify with 1,000 labels: the first call (label cache empty) vs the second."""
+    import grpc
+
+    from clipserve.v1 import clip_service_pb2 as pb
+    from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
+
+    data, _ = payloads.photos(640, 480)
+    request = pb.ClassifyRequest(
+        images=[pb.Image(data=data[0])], labels=payloads.unique_labels(payloads.imagenet_classes()),
+        templates=[payloads.PROMPT], top_k=5,
+    )
+    first, second = [], []
+    with grpc.insecure_channel(server.address) as channel:
+        classify = pb_grpc.ClipServiceStub(channel).Classify
+        for _ in range(1 if plan.quick else max(3, plan.rounds)):
+            server.clear_label_cache()
+            for times in (first, second):
+                started = time.perf_counter()
+                classify(request, timeout=600)
+                times.append(time.perf_counter() - started)
+    t1, t2 = statistics.median(first), statistics.median(second)
+    outcome.extra["label_cache_ms"] = {"first": [t * 1e3 for t in first],
+                                       "second": [t * 1e3 for t in second]}
+    outcome.targets.append(result(
+        "label_cache_speedup", ratio(t1, t2),
+        f"{model}: first call {t1 * 1e3:.1f} ms, second {t2 * 1e3:.1f} ms (medians of "
+        f"{len(first)}; one image, 1,000 labels, one template)",
+    ))
+
+
+def memory(plan: Plan, outcome: Outcome, lg: LoadGenerator, model: str,
+           clients: int = 16, steps: int = 10) -> None:
+    """Server subprocess: peak RSS vs model files; RSS growth over cheap requests."""
+    root = repository(plan, model)
+    files = model_files_bytes(root)
+    flags = []
+    if plan.intra_op_threads:
+        flags += ["--intra-op-threads", str(plan.intra_op_threads)]
+    server = SubprocessServer(clipserve_command(root, *flags), f"clipserve {model}").start()
+    try:
+        ready = proc_status(server.pid)
+        per_step = max(1, plan.memory_requests // steps)
+        series, samples = [], []
+        for _ in range(steps):
+            samples.append(load_point(lg, server.address, "text_short", clients, count=per_step))
+            series.append(proc_status(server.pid)["VmRSS"])
+        final = proc_status(server.pid)
+    finally:
+        server.stop()
+    outcome.point(model, "clipserve (subprocess)", "text_short", clients, merged(samples))
+    baseline = series[0]  # after the first step: allocator pools and caches have settled
+    growth = (series[-1] - baseline) / baseline * 100.0
+    peak = final["VmHWM"] / files
+    mib = 1 << 20
+    outcome.extra["memory"] = {
+        "model": model, "model_files_bytes": files, "ready": ready, "final": final,
+        "rss_series": series, "requests": per_step * steps,
+    }
+    outcome.targets.append(result(
+        "memory_peak_ratio", peak,
+        f"{model}: peak RSS {final['VmHWM'] / mib:.0f} MiB (at ready {ready['VmHWM'] / mib:.0f} "
+        f"MiB) vs model files {files / mib:.0f} MiB",
+    ))
+    outcome.targets.append(result(
+        "memory_growth", growth,
+        f"{model}: RSS {baseline / mib:.0f} MiB after {per_step} requests -> "
+        f"{series[-1] / mib:.0f} MiB after {per_step * steps} (EncodeText short, {clients} "
+        f"clients); at ready {ready['VmRSS'] / mib:.0f} MiB",
+    ))
+
+
+def script(name: str, *args: str, timeout_s: float = 900) -> dict[str, Any]:
+    """Run benchmarks/<name> with --json; its JSON result."""
+    root = source_root()
+    if root is None:
+        raise RuntimeError(f"benchmarks/{name} lives in a source checkout")
+    done = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / name), *args, "--json"],
+        capture_output=True, text=True, timeout=timeout_s, check=False,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"{name} failed: {done.stderr.strip()[-500:]}")
+    data: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return data
+
+
+def preprocessing(plan: Plan, outcome: Outcome) -> None:
+    rounds, seconds = ("1", "0.3") if plan.quick else ("5", "1.0")
+    data = script("bench_preprocess.py", "--sizes", "1920x1080", "--rounds", rounds,
+                  "--seconds", seconds)
+    outcome.extra["preprocess"] = data
+    rows = {r["implementation"]: r for r in data["rows"]}
+    exact, fast = rows["clipserve exact"], rows["clipserve fast"]
+    outcome.targets.append(result(
+        "preprocess_speedup", exact["vs_open_clip"],
+        f"exact (served): {exact['per_core']:.1f} vs open_clip {rows['open_clip']['per_core']:.1f}"
+        f" img/s/core, parity {exact['parity_mean']:.4f} (detail worst "
+        f"{exact['detail_worst']:.4f}); fast (opt-in): {fast['vs_open_clip']:.2f}x, parity "
+        f"{fast['parity_mean']:.4f} (detail worst {fast['detail_worst']:.4f})",
+    ))
+
+
+def tokenizer(plan: Plan, outcome: Outcome, root: Path) -> None:
+    rounds, seconds = ("1", "0.3") if plan.quick else ("5", "0.5")
+    data = script("bench_tokenizer.py", "--repository", str(root), "--rounds", rounds,
+                  "--seconds", seconds)
+    outcome.extra["tokenizer"] = data
+    outcome.targets.append(result(
+        "tokenizer_speedup", data["speedup"] if data["identical_ids"] else math.nan,
+        f"{data['strings']} strings: {data['clipserve_per_core']:.0f} vs "
+        f"{data['open_clip_per_core']:.0f} strings/s/core; identical ids: "
+        f"{data['identical_ids']}",
+    ))
+
+
+Section = Callable[..., None]
+
+
+# -- the whole run --------------------------------------------------------------------------
+SWEEP_TINY = tuple(payloads.SCENARIOS)
+SWEEP_IMAGE_MODEL = ("tensor", "jpeg_640x480", "text_short")
+#: the larger model's sweep stops at 16 clients: every point waits for two answers per client
+IMAGE_MODEL_MAX_CLIENTS = 16
+
+
+def run_plan(plan: Plan) -> Outcome:
+    """Every section of `plan`, models in turn (one in-process server each), then the rest."""
+    outcome = Outcome()
+    outcome.extra["photos"] = payloads.photos(8, 8)[1]
+    image_sections = ("engine", "pytorch")
+    image_keys = {"engine": ("engine_fraction",), "pytorch": ("vs_pytorch",)}
+    with LoadGenerator() as lg:
+        models = [TINY] if plan.image_model == TINY else [TINY, plan.image_model]
+        for model in models:
+            with section(outcome, f"{model} server", *(
+                k for s in image_sections for k in image_keys[s]
+                if plan.runs(s) and model == plan.image_model
+            )):
+                root = repository(plan, model)
+                with InProcessServer(root, **plan.server_overrides()) as server:
+                    _model_sections(plan, outcome, lg, server, model, image_keys)
+        if plan.runs("preprocess"):
+            with section(outcome, "preprocess", "preprocess_speedup"):
+                preprocessing(plan, outcome)
+        if plan.runs("tokenizer"):
+            with section(outcome, "tokenizer", "tokenizer_speedup"):
+                tokenizer(plan, outcome, repository(plan, TINY))
+        if plan.runs("memory"):
+            with section(outcome, "memory", "memory_peak_ratio", "memory_growth"):
+                memory(plan, outcome, lg, plan.memory_model)
+    measured = {t.target.key for t in outcome.targets}
+    for name in sorted(plan.skip):
+        skipped(outcome, f"skipped (--skip {name})",
+                *(k for k in SECTION_TARGETS.get(name, ()) if k not in measured))
+    order = list(TARGETS)
+    outcome.targets.sort(key=lambda t: order.index(t.target.key))
+    return outcome
+
+
+def _model_sections(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessServer,
+                    model: str, image_keys: dict[str, tuple[str, ...]]) -> None:
+    steps: list[tuple[str, tuple[str, ...], Callable[[], None]]] = []
+    if plan.runs("sweep"):
+        scenarios = SWEEP_TINY if model == TINY else SWEEP_IMAGE_MODEL
+        steps.append(("sweep", (), lambda: sweep(plan, outcome, lg, server, model, scenarios)))
+    if model == TINY:
+        if plan.runs("lengths"):  # the prompts' compute, not the server, dominates larger models
+            steps.append(("lengths", ("length_buckets_speedup",),
+                          lambda: length_buckets(plan, outcome, server, model)))
+        if plan.runs("batching"):
+            steps.append(("batching", ("batching_speedup",),
+                          lambda: batching(plan, outcome, lg, server, model)))
+        if plan.runs("labels"):
+            steps.append(("labels", ("label_cache_speedup",),
+                          lambda: label_cache(plan, outcome, server, model)))
+    if model == plan.image_model:
+        if plan.runs("engine"):
+            steps.append(("engine", image_keys["engine"],
+                          lambda: engine_fraction(plan, outcome, lg, server, model)))
+        if plan.runs("pytorch"):
+            steps.append(("pytorch", image_keys["pytorch"],
+                          lambda: vs_pytorch(plan, outcome, lg, server, model)))
+    for name, keys, step in steps:
+        with section(outcome, f"{model} {name}", *keys):
+            step()

@@ -1,0 +1,60 @@
+"""`clipserve bench --quick` end to end on the tiny model: structure, not speed."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from clipserve.cli import main
+
+SECTIONS_RUN = ("sweep", "engine", "batching", "lengths", "labels", "memory")
+
+
+def test_quick_bench_writes_table_json_and_plot(tiny_repository: Path, tmp_path: Path) -> None:
+    output = tmp_path / "results"
+    started = time.monotonic()
+    status = main([
+        "--log-level", "WARNING", "bench", "--quick", "--repository", f"tiny={tiny_repository}",
+        "--skip", "pytorch,preprocess,tokenizer", "--output", str(output),
+        "--seconds", "0.3", "--concurrency", "1,4", "--memory-requests", "40",
+    ])
+    elapsed = time.monotonic() - started
+    assert status == 0
+    document = json.loads((output / "bench.json").read_text())
+    assert document["meta"]["quick"] is True
+    assert document["meta"]["command"].startswith("clipserve bench")
+    assert document["notes"] == []
+
+    sweep = [p for p in document["points"] if p.get("sweep")]
+    scenarios = {p["scenario"] for p in sweep}
+    assert scenarios == {"jpeg_640x480", "jpeg_1920x1080", "tensor", "text_short", "text_77",
+                         "classify_1000"}
+    assert {p["concurrency"] for p in sweep} == {1, 4}
+    for p in sweep:
+        assert p["errors"] == 0, p
+        assert p["requests"] > 0
+        assert p["items_per_s"] > 0
+        assert p["p50_ms"] <= p["p95_ms"] <= p["p99_ms"]
+        assert p["mean_batch"] >= 1.0
+        assert p["queue_ms"] >= 0.0
+    systems = {p["system"] for p in document["points"]}
+    assert "clipserve, batching off" in systems
+    assert any(s.startswith("raw ORT session") for s in systems)
+
+    targets = {t["key"]: t for t in document["targets"]}
+    measured = ("engine_fraction", "batching_speedup", "length_buckets_speedup",
+                "label_cache_speedup", "memory_peak_ratio", "memory_growth")
+    for key in measured:
+        assert targets[key]["measured"] is not None, targets[key]
+        assert targets[key]["status"] in ("met", "missed")
+        assert " / " in targets[key]["shown"]
+    for key in ("vs_pytorch", "preprocess_speedup", "tokenizer_speedup"):
+        assert targets[key]["status"] == "not measured"
+    assert document["extra"]["length_buckets"]["min_cosine"] > 0.9999
+
+    text = (output / "bench.md").read_text()
+    assert "| model | system" in text
+    assert "measured / target" in text
+    assert (output / "throughput.png").stat().st_size > 1000
+    print(f"quick bench took {elapsed:.1f}s")

@@ -1,0 +1,170 @@
+"""I/O binding of a session (`IoBinder`, on the CPU here) and the towers' reusable buffers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from onnx import TensorProto, helper  # noqa: E402
+
+from clipserve.server.binding import IoBinder  # noqa: E402
+from clipserve.server.engine import (  # noqa: E402
+    CUDA,
+    EngineOptions,
+    OnnxTower,
+    cuda_provider_options,
+    tensorrt_provider_options,
+)
+from clipserve.server.towers import VisionRunner  # noqa: E402
+
+WEIGHTS = np.arange(3 * 4 * 4 * 5, dtype=np.float32).reshape(48, 5) / 100.0  # [3*4*4, 5]
+
+
+def linear_model(path: Path) -> Path:
+    """pixel_values [N, 3, 4, 4] -> flatten -> MatMul [48, 5] -> image_embeds [N, 5]."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Flatten", ["pixel_values"], ["flat"], axis=1),
+            helper.make_node("MatMul", ["flat", "w"], ["image_embeds"]),
+        ],
+        "linear",
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["N", 5])],
+        [helper.make_tensor("w", TensorProto.FLOAT, WEIGHTS.shape, WEIGHTS.flatten())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+def reference(batch: np.ndarray) -> np.ndarray:
+    return batch.reshape(len(batch), -1) @ WEIGHTS
+
+
+@pytest.fixture
+def model_path(tmp_path: Path) -> Path:
+    return linear_model(tmp_path / "model.onnx")
+
+
+def test_bound_runs_match_plain_runs_for_every_shape(model_path: Path) -> None:
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    binder = IoBinder(session, "pixel_values", "image_embeds", 5, device="cpu")
+    rng = np.random.default_rng(0)
+    for n in (1, 4, 1, 2, 4):
+        batch = rng.standard_normal((n, 3, 4, 4), dtype=np.float32)
+        out = binder.run(batch)  # copied into the staging buffer
+        np.testing.assert_allclose(out, reference(batch), rtol=1e-5)
+        staging = binder.staging((n, 3, 4, 4), np.float32)
+        staging[...] = batch[::-1]
+        np.testing.assert_allclose(binder.run(staging), reference(batch[::-1]), rtol=1e-5)
+    assert binder.staging((4, 3, 4, 4), np.float32) is binder.staging((4, 3, 4, 4), np.float32)
+    assert not binder.cuda_graphs
+    binder.close()
+
+
+def test_outputs_are_not_overwritten_by_the_next_run(model_path: Path) -> None:
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    binder = IoBinder(session, "pixel_values", "image_embeds", 5, device="cpu")
+    ones = np.ones((2, 3, 4, 4), np.float32)
+    first = binder.run(ones)
+    kept = first.copy()
+    binder.run(np.zeros((2, 3, 4, 4), np.float32))
+    np.testing.assert_array_equal(first, kept)
+
+
+def test_vision_runner_stacks_into_a_reused_padded_buffer(model_path: Path) -> None:
+    tower = OnnxTower("vision", model_path, "pixel_values", "image_embeds",
+                      EngineOptions(intra_op_threads=1))
+    runner = VisionRunner(tower, 4, (1, 2, 4))
+    rng = np.random.default_rng(1)
+    images = [rng.standard_normal((3, 4, 4), dtype=np.float32) for _ in range(4)]
+    out4 = runner(images)
+    out3 = runner(images[:3])  # padded to 4 in the same buffer: the stale 4th row is zeroed
+    np.testing.assert_allclose(np.stack(out4), reference(np.stack(images)), rtol=1e-5)
+    np.testing.assert_allclose(np.stack(out3), reference(np.stack(images[:3])), rtol=1e-5)
+    buffer = tower.batch_buffer((4, 3, 4, 4), np.float32)
+    assert not buffer[3].any()
+    assert runner.warm_up() == 3
+
+
+def test_cuda_and_tensorrt_provider_options() -> None:
+    options = EngineOptions(gpu_mem_limit_mb=512, cudnn_conv_algo_search="EXHAUSTIVE",
+                            cuda_graphs=True)
+    cuda = cuda_provider_options(options)
+    assert cuda["arena_extend_strategy"] == "kSameAsRequested"
+    assert cuda["gpu_mem_limit"] == str(512 << 20)
+    assert cuda["cudnn_conv_algo_search"] == "EXHAUSTIVE"
+    assert cuda["do_copy_in_default_stream"] == "1"
+    assert cuda["enable_cuda_graph"] == "1"
+    assert "gpu_mem_limit" not in cuda_provider_options(EngineOptions())
+    trt = tensorrt_provider_options(
+        EngineOptions(tensorrt=True, tensorrt_cache_dir="/cache", tensorrt_fp16=True,
+                      tensorrt_profile=((1, 3, 224, 224), (16, 3, 224, 224), (16, 3, 224, 224))),
+        "pixel_values",
+    )
+    assert trt["trt_engine_cache_path"] == trt["trt_timing_cache_path"] == "/cache"
+    assert trt["trt_fp16_enable"] == "True"
+    assert trt["trt_profile_min_shapes"] == "pixel_values:1x3x224x224"
+    assert trt["trt_profile_max_shapes"] == "pixel_values:16x3x224x224"
+    assert "trt_engine_cache_enable" not in tensorrt_provider_options(EngineOptions(), "x")
+
+
+def test_no_binding_on_cpu(model_path: Path) -> None:
+    tower = OnnxTower("vision", model_path, "pixel_values", "image_embeds",
+                      EngineOptions(intra_op_threads=1, io_binding=True))
+    assert tower.provider != CUDA
+    assert tower._binder is None
+
+
+def test_from_tensor_without_copy_is_a_checked_read_only_view() -> None:
+    from clipserve.repository import Preprocess
+    from clipserve.server.errors import InvalidInput
+    from clipserve.server.preprocess import ImagePreprocessor
+
+    pp = ImagePreprocessor(Preprocess(4, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic", "shortest"))
+    values = np.arange(48, dtype="<f4").reshape(3, 4, 4)
+    data = values.tobytes()
+    view = pp.from_tensor([3, 4, 4], "float32", data, copy=False)
+    assert np.array_equal(view, values)
+    assert not view.flags.writeable
+    assert np.shares_memory(view, np.frombuffer(data, dtype="<f4"))
+    half = pp.from_tensor([3, 4, 4], "float16", values.astype("<f2").tobytes(), copy=False)
+    assert half.flags.writeable  # converted: a new array
+    bad = values.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(InvalidInput, match="NaN or Inf"):
+        pp.from_tensor([3, 4, 4], "float32", bad.tobytes(), copy=False)
+
+
+class RecordingTower:
+    """Records the shapes it runs; `warmup_runs` as a CUDA-graph tower reports it."""
+
+    def __init__(self, warmup_runs: int = 1) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+        self.warmup_runs = warmup_runs
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        self.shapes.append(batch.shape)
+        return np.zeros((batch.shape[0], 2), np.float32)
+
+    def batch_buffer(self, shape: tuple[int, ...], dtype: object) -> np.ndarray:
+        return np.zeros(shape, dtype)  # type: ignore[call-overload]
+
+
+@pytest.mark.parametrize("runs", [1, 3])
+def test_warm_up_runs_every_batch_and_length_bucket(runs: int) -> None:
+    from clipserve.server.towers import TextRunner
+
+    vision = RecordingTower(runs)
+    assert VisionRunner(vision, 8, (1, 2, 4)).warm_up() == 3  # type: ignore[arg-type]
+    assert vision.shapes == [(b, 3, 8, 8) for b in (1, 2, 4) for _ in range(runs)]
+    text = RecordingTower(runs)
+    assert TextRunner(text, (1, 16), (8, 77)).warm_up() == 4  # type: ignore[arg-type]
+    assert sorted(set(text.shapes)) == [(1, 8), (1, 77), (16, 8), (16, 77)]
+    assert len(text.shapes) == 4 * runs
