@@ -5,10 +5,10 @@ This is the data of clipserve's demo model (`clipserve-demo`): the model is trai
 that preprocessing, tokenisation, normalisation and logit scaling are right end to end. It needs
 only numpy and Pillow, so the server's tests and the evaluation client can use it without torch.
 
-Every image holds one shape of one colour (the class, e.g. ``"red circle"``) at a random size,
-position and rotation, on a noisy, tinted background. Images have random sides of 200-400 px
-(not square), and the shape always lies inside the centre square that a shortest-side resize
-followed by a centre crop keeps.
+Every image holds one shape of one colour (the class, e.g. ``"red circle"``: 6 shapes x 6 colours)
+at a random size, position and rotation, on a dark, tinted, textured and noisy background. Images
+have random sides of 200-400 px (rarely square), and the shape always lies inside the centre
+square that a shortest-side resize followed by a centre crop keeps.
 
 Determinism: item ``i`` of split ``s`` with seed ``k`` is drawn from its own random stream
 ``SeedSequence([k, SPLIT_KEYS[s], i])``, so it does not depend on ``n``, on the order of
@@ -131,7 +131,7 @@ def render(
     noise = np.frombuffer(rng.bytes(height * width * 3), dtype=np.uint8).reshape(height, width, 3)
     image += (noise.astype(np.float32) - 127.5) * amplitude
     np.clip(image + 0.5, 0, 255, out=image)
-    return Image.fromarray(image.astype(np.uint8), mode="RGB")
+    return Image.fromarray(image.astype(np.uint8))  # [H, W, 3] uint8: RGB
 
 
 class Sample(NamedTuple):
@@ -205,9 +205,8 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     tint = rng.uniform(-10, 10, size=3).astype(np.float32)
     # Smooth texture: a coarse random grid upsampled bicubically.
     grid = rng.uniform(0, 255, size=(int(rng.integers(3, 9)), int(rng.integers(3, 9))))
-    coarse = Image.fromarray(grid.astype(np.uint8), mode="L").resize(
-        (width, height), Image.Resampling.BICUBIC
-    )
+    coarse = Image.fromarray(grid.astype(np.uint8))  # 2-D uint8: mode L
+    coarse = coarse.resize((width, height), Image.Resampling.BICUBIC)
     blotches = (np.asarray(coarse, dtype=np.float32) - 127.5) / 127.5  # [H, W] in -1..1
     amplitude = float(rng.uniform(3, 15))
     # Gradient in a random direction.
