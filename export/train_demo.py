@@ -25,9 +25,11 @@ What makes it fit in a few CPU minutes, without changing what the served model c
   token-embedding rows the captions use are trained (`CompactVocab`; Adam leaves rows without
   gradient unchanged, so this equals training the whole 49408-row table).
 
-The run is deterministic for a given seed, thread count, torch version and CPU: per-item random
-streams for the data, a seeded torch generator for batches, caption templates and flips, and
-``torch.use_deterministic_algorithms(True)``.
+Training runs on one torch thread by default: the steps are small, and on a shared CPU a second
+thread mostly spins. The run is deterministic for a given seed, thread count, torch version and
+CPU (same checkpoint bytes): per-item random streams for the data, a seeded torch generator for
+batches, caption templates and flips, and ``torch.use_deterministic_algorithms(True)``.
+Measured figures and how to rebuild: docs/demo-model.md.
 """
 
 from __future__ import annotations
@@ -59,6 +61,11 @@ from .models import DEMO_MODEL, load_demo_model, register_builtin_configs
 logger = logging.getLogger(__name__)
 
 MAX_LOGIT_SCALE = math.log(100.0)
+# The arguments the trained weights depend on, recorded in the checkpoint (logging, evaluation
+# and the number of rendering processes change nothing in it).
+RESULT_ARGS = (
+    "seed", "steps", "batch_size", "images_per_class", "lr", "weight_decay", "warmup", "threads"
+)
 SUB_GRID = 4  # the fixed patch embedding averages a SUB_GRID x SUB_GRID grid of sub-blocks
 
 
@@ -278,10 +285,12 @@ class Monitor:
 FLOAT16_TENSORS = ("token_embedding.weight", "visual.conv1.weight")
 
 
-def save_checkpoint(model: nn.Module, path: Path, metadata: dict[str, str]) -> None:
+def save_checkpoint(model: nn.Module, path: Path, provenance: dict[str, Any]) -> None:
     """Write the state dict as safetensors (`FLOAT16_TENSORS` in float16, the rest float32).
 
-    open_clip's loader copies the float16 tensors into the float32 model.
+    open_clip's loader copies the float16 tensors into the float32 model. `provenance` goes
+    into the file's metadata as one sorted JSON string under "clipserve": safetensors writes
+    several metadata keys in a random order, which would make rebuilds differ byte-wise.
     """
     tensors = {}
     for name, value in model.state_dict().items():
@@ -290,6 +299,7 @@ def save_checkpoint(model: nn.Module, path: Path, metadata: dict[str, str]) -> N
             value = value.to(torch.float16)
         tensors[name] = value
     path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"clipserve": json.dumps(provenance, sort_keys=True)}
     save_file(tensors, str(path), metadata=metadata)
 
 
@@ -314,14 +324,37 @@ def _prepare_text(
     return vocab, captions[..., :length], prompt_tokens
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Train, write the checkpoint and evaluate it; return the measured figures."""
-    start = time.perf_counter()
-    torch.set_num_threads(args.threads)
+@contextmanager
+def deterministic_torch(threads: int) -> Iterator[None]:
+    """Deterministic algorithms and a fixed thread count within the block; restored after."""
+    deterministic = torch.utils.deterministic  # type: ignore[attr-defined]
+    saved = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        deterministic.fill_uninitialized_memory,
+    )
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     # Deterministic mode also fills every new tensor with NaN (to expose reads of uninitialised
     # memory): a quarter of the step time here, and no source of nondeterminism.
-    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    deterministic.fill_uninitialized_memory = False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.use_deterministic_algorithms(saved[1], warn_only=saved[2])
+        deterministic.fill_uninitialized_memory = saved[3]
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, write the checkpoint and evaluate it; return the measured figures."""
+    with deterministic_torch(args.threads):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> dict[str, Any]:
+    start = time.perf_counter()
     register_builtin_configs()
 
     torch.manual_seed(args.seed)
@@ -389,15 +422,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     vocab.restore()
     model.eval()
-    metadata = {
+    provenance = {
         "model": DEMO_MODEL,
-        "format": "pt",
         "open_clip_version": open_clip.__version__,
         "torch_version": torch.__version__,
-        "train_args": json.dumps({k: (str(v) if isinstance(v, Path) else v)
-                                  for k, v in sorted(vars(args).items()) if k != "output"}),
+        "train_args": {name: getattr(args, name) for name in RESULT_ARGS},
     }
-    save_checkpoint(model, args.output, metadata)
+    save_checkpoint(model, args.output, provenance)
     total_seconds = time.perf_counter() - start
     size = args.output.stat().st_size
     logger.info("wrote %s (%d bytes) after %.1fs (%.1fs in the training loop)",
