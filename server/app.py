@@ -81,6 +81,7 @@ def engine_options(s: ServerSettings) -> EngineOptions:
         device=s.device,
         intra_op_threads=s.intra_op_threads,
         intra_op_spinning=s.intra_op_spinning,
+        prepack_weights=s.prepack_weights,
         gpu_mem_limit_mb=s.gpu_mem_limit_mb,
         cudnn_conv_algo_search=s.cudnn_conv_algo_search.upper(),
         io_binding=s.io_binding,

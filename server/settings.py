@@ -65,6 +65,12 @@ class ServerSettings:
         "let ONNX Runtime threads busy-wait for work between operators (faster only on cores "
         "that nothing else needs; off leaves them to gRPC and preprocessing)",
     )
+    prepack_weights: bool = _opt(
+        True,
+        "CPU: let ONNX Runtime keep its own re-laid-out copy of the matrix weights (measured "
+        "with ViT-L-14: about 6 percent faster, a third more memory for the weights); off for "
+        "memory-bound CPU deployments",
+    )
     gpu_mem_limit_mb: int = _opt(
         0, "CUDA: memory arena limit of each tower's session in MiB (0: no limit)"
     )

@@ -75,6 +75,22 @@ def test_samples_merge_by_concatenation_so_percentiles_stay_exact() -> None:
     assert stats.p50_ms == pytest.approx(200.0)
 
 
+def test_the_servers_count_over_whole_batch_cycles_overrides_the_clients() -> None:
+    from clipserve.bench.servers import BatchLog
+
+    log = BatchLog()
+    for t, size in ((10.0, 8), (11.0, 8), (12.0, 8), (13.0, 8), (20.0, 8)):
+        log._events.append((t, size, 0))
+    assert log.rate_between(10.5, 13.5) == (16, 2.0)  # batches at 11, 12, 13: 2 cycles
+    assert log.rate_between(10.5, 11.5) == (0, 0.0)  # one batch: no whole cycle
+    assert log.between(9.0, 12.5).items == 24
+    sample = Sample([1.0] * 10, 4.0, server_items=16, server_seconds=2.0)
+    stats = sample.stats()
+    assert stats.items_per_s == 8.0  # not 10 / 4
+    assert stats.p50_ms == 1000.0
+    assert merged([sample, sample]).stats().items_per_s == 8.0
+
+
 def test_interleave_alternates_the_systems_round_by_round() -> None:
     calls: list[str] = []
 
@@ -103,7 +119,7 @@ class TestWindow:
         assert w.answered(3.1, 1)
         assert not w.answered(3.3, 2)  # past 2 s: closes, does not count
         assert w.done
-        assert w.length() == pytest.approx(2.1)
+        assert w.length() == pytest.approx(1.9)  # up to the last counted answer
 
     def test_timed_window_stretches_until_enough_answers(self) -> None:
         w = _Window(0.0, 0, seconds=1.0, min_requests=3, max_seconds=100, exact_count=False)
@@ -112,7 +128,7 @@ class TestWindow:
         assert w.answered(6.0, 1)
         assert w.answered(7.0, 2)
         assert not w.answered(8.0, 3)
-        assert w.length() == pytest.approx(8.0)
+        assert w.length() == pytest.approx(7.0)
 
     def test_timed_window_never_exceeds_its_maximum(self) -> None:
         w = _Window(0.0, 0, seconds=1.0, min_requests=1000, max_seconds=10, exact_count=False)

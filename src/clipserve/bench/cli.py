@@ -115,26 +115,35 @@ def run(args: argparse.Namespace) -> int:
                                               else sys.argv[1:])
     load_before = os.getloadavg()
     started = time.monotonic()
-    outcome = run_plan(plan)
-    document = {
-        "meta": {
-            "command": command.strip(),
-            "quick": plan.quick,
-            "cpus": usable_cores(),
-            "load_before": [round(v, 1) for v in load_before],
-            "load_after": [round(v, 1) for v in os.getloadavg()],
-            "duration_s": time.monotonic() - started,
-            "versions": _versions(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        },
-        "points": outcome.points,
-        "targets": [t.to_dict() for t in outcome.targets],
-        "notes": outcome.notes,
-        "extra": outcome.extra,
-    }
     args.output.mkdir(parents=True, exist_ok=True)
-    report.write_json(document, args.output / "bench.json")
-    text = report.render_text(document)
+
+    def document(outcome: Any, partial: bool) -> dict[str, Any]:
+        return {
+            "meta": {
+                "command": command.strip(),
+                "quick": plan.quick,
+                "partial": partial,
+                "cpus": usable_cores(),
+                "load_before": [round(v, 1) for v in load_before],
+                "load_after": [round(v, 1) for v in os.getloadavg()],
+                "duration_s": time.monotonic() - started,
+                "versions": _versions(),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+            },
+            "points": outcome.points,
+            "targets": [t.to_dict() for t in outcome.targets],
+            "notes": outcome.notes,
+            "extra": outcome.extra,
+        }
+
+    def save_partial(outcome: Any) -> None:  # a long run that is stopped keeps what it measured
+        report.write_json(document(outcome, True), args.output / "bench.partial.json")
+
+    outcome = run_plan(plan, save_partial)
+    final = document(outcome, False)
+    report.write_json(final, args.output / "bench.json")
+    (args.output / "bench.partial.json").unlink(missing_ok=True)
+    text = report.render_text(final)
     (args.output / "bench.md").write_text(text, encoding="utf-8")
     if report.plot_throughput(outcome.points, args.output / "throughput.png"):
         text += f"\nplot: {args.output / 'throughput.png'}\n"

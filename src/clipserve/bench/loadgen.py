@@ -128,7 +128,7 @@ class _Window:
         self.seconds, self.min_requests = seconds, min_requests
         self.max_seconds, self.exact_count = max_seconds, exact_count
         self.done = False
-        self.start = self.opened = self.closed = math.inf
+        self.start = self.opened = self.closed = self.last = math.inf
         self.warm_answers = 0
 
     def begin(self, now: float) -> None:
@@ -149,12 +149,14 @@ class _Window:
         if self.exact_count:
             if counted + 1 >= self.min_requests:
                 self._close(now)
+            self.last = now
             return True
         if elapsed >= self.max_seconds or (
             elapsed >= self.seconds and counted >= self.min_requests
         ):
             self._close(now)
             return False
+        self.last = now
         return True
 
     def _close(self, now: float) -> None:
@@ -162,8 +164,12 @@ class _Window:
         self.closed = now
 
     def length(self) -> float:
+        """From the opening answer to the last counted one (the closing answer, which is not
+        counted, would add time without its answers: a bias of one batch per window)."""
         if self.opened == math.inf:
             return 1e-9
+        if self.last != math.inf:
+            return max(1e-9, self.last - self.opened)
         end = self.closed if self.closed != math.inf else time.perf_counter()
         return max(1e-9, end - self.opened)
 

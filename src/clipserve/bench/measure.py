@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -31,6 +31,9 @@ class Sample:
     batches: int = 0
     queue_ns: int = 0
     error_sample: str = ""
+    #: the server's own count over whole batch cycles (in-process servers): items and seconds
+    server_items: int = 0
+    server_seconds: float = 0.0
 
     def extend(self, other: Sample) -> None:
         self.latencies_s += other.latencies_s
@@ -41,14 +44,23 @@ class Sample:
         self.batches += other.batches
         self.queue_ns += other.queue_ns
         self.error_sample = self.error_sample or other.error_sample
+        self.server_items += other.server_items
+        self.server_seconds += other.server_seconds
 
     def stats(self) -> PointStats:
         mean_batch = self.batch_items / self.batches if self.batches else None
         queue_ms = self.queue_ns / self.batch_items / 1e6 if self.batch_items else None
-        return summarize(
+        stats = summarize(
             self.latencies_s, max(self.seconds, 1e-9), self.items_per_request, self.errors,
             mean_batch=mean_batch, queue_ms=queue_ms,
         )
+        if self.server_seconds > 0 and self.server_items > 0:
+            # answers come a batch at a time: the server's count over whole batch cycles is
+            # exact where the clients' window may hold a fraction of a batch too many or few
+            rate = self.server_items / self.server_seconds
+            stats = replace(stats, items_per_s=rate,
+                            requests_per_s=rate / self.items_per_request)
+        return stats
 
 
 def merged(samples: Sequence[Sample]) -> Sample:
@@ -96,9 +108,11 @@ def load_point(
         items_per_request=reply["items_per_request"], error_sample=reply["error_sample"],
     )
     if server is not None:
-        totals = server.batches[tower_of(scenario)].between(*reply["window"])
+        log_ = server.batches[tower_of(scenario)]
+        totals = log_.between(*reply["window"])
         sample.batch_items, sample.batches = totals.items, totals.batches
         sample.queue_ns = totals.queue_ns
+        sample.server_items, sample.server_seconds = log_.rate_between(*reply["window"])
     return sample
 
 

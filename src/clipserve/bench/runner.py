@@ -97,6 +97,8 @@ class Outcome:
     targets: list[TargetResult] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: called after every section (the CLI writes what was measured so far)
+    on_section: Callable[[Outcome], None] | None = None
 
     def point(self, model: str, system: str, scenario: str, concurrency: int, sample: Sample,
               **more: Any) -> dict[str, Any]:
@@ -168,6 +170,8 @@ def section(outcome: Outcome, name: str, *target_keys: str) -> Iterator[None]:
         outcome.targets += [result(k, None, reason) for k in target_keys if k not in done]
     finally:
         log.info("-- %s took %.0fs", name, time.monotonic() - started)
+        if outcome.on_section is not None:
+            outcome.on_section(outcome)
 
 
 def skipped(outcome: Outcome, reason: str, *keys: str) -> None:
@@ -496,7 +500,6 @@ def tokenizer(plan: Plan, outcome: Outcome, root: Path) -> None:
     ))
 
 
-Section = Callable[..., None]
 
 
 # -- the whole run --------------------------------------------------------------------------
@@ -506,22 +509,17 @@ SWEEP_IMAGE_MODEL = ("tensor", "jpeg_640x480", "text_short")
 IMAGE_MODEL_MAX_CLIENTS = 16
 
 
-def run_plan(plan: Plan) -> Outcome:
+def run_plan(plan: Plan, on_section: Callable[[Outcome], None] | None = None) -> Outcome:
     """Every section of `plan`, models in turn (one in-process server each), then the rest."""
-    outcome = Outcome()
+    outcome = Outcome(on_section=on_section)
     outcome.extra["photos"] = payloads.photos(8, 8)[1]
-    image_sections = ("engine", "pytorch")
-    image_keys = {"engine": ("engine_fraction",), "pytorch": ("vs_pytorch",)}
     with LoadGenerator() as lg:
         models = [TINY] if plan.image_model == TINY else [TINY, plan.image_model]
         for model in models:
-            with section(outcome, f"{model} server", *(
-                k for s in image_sections for k in image_keys[s]
-                if plan.runs(s) and model == plan.image_model
-            )):
+            with section(outcome, f"{model} server"):
                 root = repository(plan, model)
                 with InProcessServer(root, **plan.server_overrides()) as server:
-                    _model_sections(plan, outcome, lg, server, model, image_keys)
+                    _model_sections(plan, outcome, lg, server, model)
         if plan.runs("preprocess"):
             with section(outcome, "preprocess", "preprocess_speedup"):
                 preprocessing(plan, outcome)
@@ -532,16 +530,16 @@ def run_plan(plan: Plan) -> Outcome:
             with section(outcome, "memory", "memory_peak_ratio", "memory_growth"):
                 memory(plan, outcome, lg, plan.memory_model)
     measured = {t.target.key for t in outcome.targets}
-    for name in sorted(plan.skip):
-        skipped(outcome, f"skipped (--skip {name})",
-                *(k for k in SECTION_TARGETS.get(name, ()) if k not in measured))
+    for name, keys in SECTION_TARGETS.items():
+        reason = f"skipped (--skip {name})" if name in plan.skip else "not measured: see notes"
+        skipped(outcome, reason, *(k for k in keys if k not in measured))
     order = list(TARGETS)
     outcome.targets.sort(key=lambda t: order.index(t.target.key))
     return outcome
 
 
 def _model_sections(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessServer,
-                    model: str, image_keys: dict[str, tuple[str, ...]]) -> None:
+                    model: str) -> None:
     steps: list[tuple[str, tuple[str, ...], Callable[[], None]]] = []
     if plan.runs("sweep"):
         scenarios = SWEEP_TINY if model == TINY else SWEEP_IMAGE_MODEL
@@ -558,10 +556,10 @@ def _model_sections(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InP
                           lambda: label_cache(plan, outcome, server, model)))
     if model == plan.image_model:
         if plan.runs("engine"):
-            steps.append(("engine", image_keys["engine"],
+            steps.append(("engine", SECTION_TARGETS["engine"],
                           lambda: engine_fraction(plan, outcome, lg, server, model)))
         if plan.runs("pytorch"):
-            steps.append(("pytorch", image_keys["pytorch"],
+            steps.append(("pytorch", SECTION_TARGETS["pytorch"],
                           lambda: vs_pytorch(plan, outcome, lg, server, model)))
     for name, keys, step in steps:
         with section(outcome, f"{model} {name}", *keys):

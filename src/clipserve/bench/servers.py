@@ -49,6 +49,14 @@ class BatchLog:
         chosen = [e for e in list(self._events) if start <= e[0] <= end]
         return BatchTotals(sum(e[1] for e in chosen), len(chosen), sum(e[2] for e in chosen))
 
+    def rate_between(self, start: float, end: float) -> tuple[int, float]:
+        """(items, seconds) over whole batch cycles inside [start, end]: the items of every
+        batch after the first, over the time from the first batch's end to the last's."""
+        chosen = [e for e in list(self._events) if start <= e[0] <= end]
+        if len(chosen) < 2:
+            return 0, 0.0
+        return sum(e[1] for e in chosen[1:]), chosen[-1][0] - chosen[0][0]
+
 
 class InProcessServer:
     """A `ClipServer` on 127.0.0.1, port 0, on a private event loop in a daemon thread."""
