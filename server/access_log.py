@@ -7,7 +7,9 @@ the core and the batchers can fill it in, and when the call ends logs::
 
 with the same fields as a dict in the record's ``rpc`` attribute, which `JsonFormatter` writes
 as JSON (``--log-format json``). It also hands a `CallRecord` to observers (the metrics).
-It sits outside `ErrorInterceptor`, so it sees the status a caller gets.
+It sits outside `ErrorInterceptor`, so it sees the status a caller gets. The HTTP API
+(`http_api`) reports its requests through `AccessLogInterceptor.finish` as well, as
+``POST /v1/embeddings OK ...`` with the gRPC status of the same outcome and ``http_status``.
 """
 
 from __future__ import annotations
@@ -35,11 +37,12 @@ log = logging.getLogger(__name__)
 class CallRecord:
     """One finished RPC."""
 
-    method: str  # e.g. /clipserve.v1.ClipService/EncodeImage
-    code: grpc.StatusCode
+    method: str  # e.g. /clipserve.v1.ClipService/EncodeImage, or POST /v1/embeddings (HTTP API)
+    code: grpc.StatusCode  # for the HTTP API: the gRPC status of the same outcome
     latency_s: float
     trace: RequestTrace
     peer: str
+    http_status: int | None = None  # the HTTP API's status code; None for gRPC calls
 
     def fields(self) -> dict[str, Any]:
         t = self.trace
@@ -55,6 +58,8 @@ class CallRecord:
         }
         if t.model is not None:
             fields["model"] = t.model
+        if self.http_status is not None:
+            fields["http_status"] = self.http_status
         return fields
 
 
@@ -108,14 +113,15 @@ class AccessLogInterceptor(grpc.aio.ServerInterceptor):
                     code = grpc.StatusCode.CANCELLED
                     raise
                 finally:
-                    self._finish(
+                    self.finish(
                         CallRecord(method, code, time.perf_counter() - started, trace,
                                    context.peer())
                     )
 
         return handle
 
-    def _finish(self, record: CallRecord) -> None:
+    def finish(self, record: CallRecord) -> None:
+        """Log a finished call and hand it to the observers (the HTTP API reports here too)."""
         if self._log_calls and log.isEnabledFor(logging.INFO):
             fields = record.fields()
             log.info(

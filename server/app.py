@@ -3,9 +3,11 @@
 Lifecycle of `ClipServer`:
   start: load the repository (errors exit before the port opens) -> sessions, tokenizer,
          preprocessor, batchers -> bind the port with health NOT_SERVING (clipserve.v1 and the
-         Triton protocol on it) and the metrics port -> warm up every batch shape -> SERVING.
-  stop:  NOT_SERVING and refuse new requests with UNAVAILABLE -> `server.stop(grace)` lets
-         in-flight requests finish -> batchers and pools close -> metrics port closes.
+         Triton protocol on it), the metrics port and, with `http_port`, the HTTP API (its
+         /health/ready answers 503) -> warm up every batch shape -> SERVING.
+  stop:  NOT_SERVING and refuse new requests with UNAVAILABLE (HTTP 503) -> in-flight requests
+         of both transports finish -> `server.stop(grace)` and the HTTP API closes -> batchers
+         and pools close -> metrics port closes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from clipserve.repository import Manifest, RepositoryError, load_manifest
 from clipserve.server.access_log import AccessLogInterceptor
-from clipserve.server.auth import interceptors_for
+from clipserve.server.auth import BearerAuthInterceptor, interceptors_for
 from clipserve.server.batcher import BatcherConfig, DynamicBatcher
 from clipserve.server.engine import EngineOptions, OnnxTower, usable_cores
 from clipserve.server.grpc_errors import ErrorInterceptor
@@ -34,9 +37,14 @@ from clipserve.server.label_cache import LabelCache
 from clipserve.server.metrics import Metrics, MetricsServer
 from clipserve.server.model import ClipModel, Limits
 from clipserve.server.preprocess import ImagePreprocessor
-from clipserve.server.settings import ServerSettings, parse_buckets, parse_length_buckets
+from clipserve.server.settings import (
+    ConfigError,
+    ServerSettings,
+    parse_buckets,
+    parse_length_buckets,
+)
 from clipserve.server.supervisor import EXIT_SESSION_FAILURE, SessionSupervisor
-from clipserve.server.tls import server_credentials
+from clipserve.server.tls import server_credentials, server_ssl_context
 from clipserve.server.tokenizer import ClipTokenizer
 from clipserve.server.towers import TextRunner, VisionRunner, timed_warm_up
 from clipserve.server.triton.models import build_models
@@ -47,6 +55,9 @@ from clipserve.triton import grpc_service_pb2 as triton_pb
 from clipserve.triton import grpc_service_pb2_grpc as triton_pb_grpc
 from clipserve.v1 import clip_service_pb2 as pb
 from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from clipserve.server.http_api import HttpApi, HttpOptions
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +110,9 @@ class ClipServer:
         self.settings = settings
         self.port = 0
         self.metrics_port = 0  # 0 until the metrics port is bound (or when metrics are off)
+        self.http_port = 0  # 0 until the HTTP API is bound (or when it is off)
+        self._http: HttpApi | None = None
+        self._access: AccessLogInterceptor | None = None
         self.model: ClipModel | None = None
         self.metrics: Metrics | None = None
         self._metrics_server: MetricsServer | None = None
@@ -119,6 +133,7 @@ class ClipServer:
         started = time.monotonic()
         # tokens and TLS files first: a bad one fails at once, before the model loads
         self._security = (interceptors_for(s, os.environ), server_credentials(s))
+        http_class = _http_api_class() if s.http_port is not None else None
         root = Path(s.model_repository)
         manifest = load_manifest(root)
         options = engine_options(s)
@@ -203,6 +218,13 @@ class ClipServer:
             self._metrics_server = MetricsServer(self.metrics.render)
             self.metrics_port = await self._metrics_server.start(s.host, s.metrics_port)
             log.info("metrics on port %d at /metrics", self.metrics_port)
+        if http_class is not None and s.http_port is not None:
+            self._http = http_class(
+                self.model, info, self._http_options(), ready=self._serving,
+                record=self._access.finish if self._access is not None else None,
+            )
+            self.http_port = await self._http.start(s.host, s.http_port)
+            log.info("HTTP API (OpenAI-compatible) on port %d", self.http_port)
         log.info(
             "serving %s (%s) from %s on port %d; warming up",
             manifest.source.model_name, manifest.source.pretrained, root, self.port,
@@ -235,11 +257,10 @@ class ClipServer:
         # the access log sits outside the error table, so it logs the status callers get
         # authentication inside the access log (refusals are logged), before everything else
         auth, credentials = self._security
-        interceptors = [
-            AccessLogInterceptor(observers=[metrics.observe_call], log_calls=s.access_log),
-            *auth,
-            ErrorInterceptor(),
-        ]
+        self._access = AccessLogInterceptor(
+            observers=[metrics.observe_call], log_calls=s.access_log
+        )
+        interceptors = [self._access, *auth, ErrorInterceptor()]
         server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_ClipServiceServicer_to_server(servicer, server)
         triton_pb_grpc.add_GRPCInferenceServiceServicer_to_server(triton, server)
@@ -259,6 +280,23 @@ class ClipServer:
             raise OSError(f"cannot bind {address}")
         await server.start()
         self._server, self.port = server, port
+
+    def _http_options(self) -> HttpOptions:
+        from clipserve.server.http_api import HttpOptions
+
+        s = self.settings
+        auth = next((i for i in self._security[0] if isinstance(i, BearerAuthInterceptor)), None)
+        return HttpOptions(
+            max_body_bytes=s.max_message_bytes,
+            urls=s.allow_url_inputs,
+            authorize=auth.authorized if auth is not None else None,
+            public_health=s.auth_public_health,
+            ssl_context=server_ssl_context(s),
+        )
+
+    def _serving(self) -> bool:
+        """What grpc.health.v1 reports: SERVING only while the model admits requests."""
+        return self.model is not None and self.model.ready and self._stopping is None
 
     async def _set_serving(self, serving: bool) -> None:
         """Health and admission on or off during session recovery (never once stop began)."""
@@ -303,8 +341,12 @@ class ClipServer:
             # callers that keep coming get UNAVAILABLE until they go elsewhere (at most the grace)
             quiet = await self.model.refusals_ended(DRAIN_QUIET_S, max(0.0, end - time.monotonic()))
             self.drain_report["quiet"] = quiet
+        closing = []
         if self._server is not None:
-            await self._server.stop(max(0.0, end - time.monotonic()))
+            closing.append(self._server.stop(max(0.0, end - time.monotonic())))
+        if self._http is not None:
+            closing.append(self._http.close(max(0.0, end - time.monotonic())))
+        await asyncio.gather(*closing)
         if self.supervisor is not None:
             await self.supervisor.close()
         if self.model is not None:
@@ -333,6 +375,17 @@ class ClipServer:
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.stop()
+
+
+def _http_api_class() -> type[HttpApi]:
+    """The HTTP API (imported only when `http_port` is set: aiohttp is the `http` extra)."""
+    try:
+        from clipserve.server.http_api import HttpApi
+    except ImportError as exc:
+        raise ConfigError(
+            f"http_port needs the `http` extra (pip install 'clipserve[http]'): {exc}"
+        ) from None
+    return HttpApi
 
 
 async def serve(settings: ServerSettings) -> int:

@@ -15,6 +15,8 @@ DESCRIPTION = """\
 Serve a model repository written by `clipserve export` over gRPC (clipserve.v1.ClipService,
 the KServe v2 / Triton protocol inference.GRPCInferenceService, grpc.health.v1, reflection) on
 ONNX Runtime with dynamic batching, and Prometheus metrics (Triton's names) on --metrics-port.
+With --http-port (the `http` extra), an OpenAI-compatible HTTP API (/v1/embeddings,
+/v1/classify, /v1/rank, /v1/models, /health/ready) on the same batchers: docs/http.md.
 
 Every flag is also an environment variable (CLIPSERVE_<FLAG>, e.g. CLIPSERVE_PORT=8001); a flag
 wins over the environment. Health reports SERVING once the model is loaded and every batch shape

@@ -184,7 +184,7 @@ def _counter_text(family: Metric) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def _listening_socket(host: str, port: int) -> socket.socket:
+def listening_socket(host: str, port: int) -> socket.socket:
     """One bound socket, like the gRPC port's: "[::]" (or "") listens on IPv6 and IPv4 when the
     machine has IPv6, on IPv4 otherwise (asyncio alone would bind "::" IPv6-only, and give port
     0 one port per address family)."""
@@ -227,7 +227,7 @@ class MetricsServer:
 
     async def start(self, host: str, port: int) -> int:
         """Bind (port 0 picks a free port); return the bound port."""
-        self._server = await asyncio.start_server(self._handle, sock=_listening_socket(host, port))
+        self._server = await asyncio.start_server(self._handle, sock=listening_socket(host, port))
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

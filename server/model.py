@@ -461,37 +461,52 @@ class ClipModel:
             raise InvalidInput("query is empty: set a text or an image")
         self._check_count(len(candidates), "candidates")
         k = self._check_top_k(top_k, len(candidates), "candidates")
-        query_embedding, candidate_embeddings = await asyncio.gather(
-            self._embed_mixed([query], deadline, "query"),
-            self._embed_mixed(candidates, deadline, "candidates"),
+        (query_embedding, _), (candidate_embeddings, _) = await asyncio.gather(
+            self.encode_mixed([query], deadline, "query"),
+            self.encode_mixed(candidates, deadline, "candidates"),
         )
         # [N_candidates]
         cosine = candidate_embeddings @ query_embedding[0]
         return self._top(cosine, self._softmax(cosine[None, :])[0], k)
 
-    async def _embed_mixed(
+    async def encode_mixed(
         self, items: Sequence[RankInput], deadline: float | None, field: str
-    ) -> np.ndarray:
-        """Texts and images in one list -> [N, D] in list order."""
+    ) -> tuple[np.ndarray, list[int]]:
+        """Texts and images in one list -> (normalised embeddings [N, D] in list order, token
+        count per item: a text's as in `encode_texts`, 0 for an image).
+
+        Texts go to the text tower and images to the vision tower at once; errors name the
+        item by its position in `items` (``field[i]``, or `field` alone for ``query``).
+        """
+        self._check_count(len(items), field)
         text_at = [i for i, item in enumerate(items) if isinstance(item, str)]
         image_at = [i for i, item in enumerate(items) if not isinstance(item, str)]
         out = np.empty((len(items), self.manifest.embedding_dim), dtype=np.float32)
+        counts = [0] * len(items)
         jobs = []
         if text_at:
-            jobs.append(self._embed_texts_at(items, text_at, deadline, field, out))
+            jobs.append(self._embed_texts_at(items, text_at, deadline, field, out, counts))
         if image_at:
             jobs.append(self._embed_images_at(items, image_at, deadline, field, out))
-        await asyncio.gather(*jobs)
-        return out
+        tasks = [asyncio.ensure_future(job) for job in jobs]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # one tower failed or the caller left: stop the other tower's work too
+            for task in tasks:
+                task.cancel()
+        return out, counts
 
     async def _embed_texts_at(self, items: Sequence[RankInput], at: list[int],
-                              deadline: float | None, field: str, out: np.ndarray) -> None:
+                              deadline: float | None, field: str, out: np.ndarray,
+                              counts: list[int]) -> None:
         texts = [items[i] for i in at]
         try:
-            embeddings, _ = await self.encode_texts(texts, deadline, field="texts")  # type: ignore[arg-type]
+            embeddings, tokens = await self.encode_texts(texts, deadline, field="texts")  # type: ignore[arg-type]
         except ClipServeError as exc:
             raise self._reattribute(exc, at, field) from None
         out[at] = embeddings
+        for i, n in zip(at, tokens, strict=True):
+            counts[i] = n
 
     async def _embed_images_at(self, items: Sequence[RankInput], at: list[int],
                                deadline: float | None, field: str, out: np.ndarray) -> None:

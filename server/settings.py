@@ -14,7 +14,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_type_hints
 
 ENV_PREFIX = "CLIPSERVE_"
 
@@ -198,11 +198,19 @@ class ServerSettings:
     metrics_port: int = _opt(
         8002, "HTTP port of /metrics, on --host (0 picks a free port and logs it)"
     )
+    http_port: int | None = _opt(
+        None,
+        "port of the OpenAI-compatible HTTP API (/v1/embeddings, /v1/classify, /v1/rank, "
+        "/v1/models, /health/ready) on --host, on the same batchers as gRPC; off when unset or "
+        "'off', 0 picks a free port and logs it (needs the `http` extra)",
+    )
     log_format: LogFormat = _opt(
         LogFormat.TEXT, "text or json: how log lines, access lines included, are written"
     )
     access_log: bool = _opt(
-        True, "write one log line per RPC (method, status, items, latency, queue time)"
+        True,
+        "write one log line per RPC and HTTP API request (method, status, items, latency, "
+        "queue time)",
     )
 
     @property
@@ -230,6 +238,8 @@ class ServerSettings:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.http_port is not None and not 0 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be 0 to 65535 or off, got {self.http_port}")
         if self.drain_grace_s < 0 or self.max_connection_age_s < 0:
             raise ValueError("drain_grace_s and max_connection_age_s must be >= 0")
         if self.max_items_per_request > self.max_queue_size:
@@ -304,7 +314,18 @@ def _env(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+def _optional_of(kind: Any) -> Any:
+    """`X` for the type hint `X | None`, else None."""
+    args = get_args(kind)
+    if len(args) == 2 and type(None) in args:
+        return next(a for a in args if a is not type(None))
+    return None
+
+
 def _convert(kind: Any, raw: str) -> Any:
+    inner = _optional_of(kind)
+    if inner is not None:  # "", "off" and "none" unset an optional setting
+        return None if raw.strip().lower() in ("", "off", "none") else _convert(inner, raw)
     if kind is bool:
         lowered = raw.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -326,6 +347,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                 default=None, help=help_text,
             )
+        elif _optional_of(kind) is not None:  # converted by from_sources: "off" is a value
+            parser.add_argument(_flag(f.name), dest=f.name, default=None, help=help_text)
         elif isinstance(kind, type) and issubclass(kind, enum.Enum):
             parser.add_argument(
                 _flag(f.name), dest=f.name, default=None,
@@ -338,6 +361,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "off"
     return value.value if isinstance(value, enum.Enum) else str(value)
 
 
@@ -351,7 +376,12 @@ def from_sources(
     for f in dataclasses.fields(ServerSettings):
         kind = hints[f.name]
         flag_value = getattr(args, f.name, None) if args is not None else None
-        if flag_value is not None:
+        if flag_value is not None and _optional_of(kind) is not None:
+            try:
+                values[f.name] = _convert(kind, flag_value)
+            except ValueError as exc:
+                raise ValueError(f"{_flag(f.name)}: {exc}") from exc
+        elif flag_value is not None:
             values[f.name] = kind(flag_value) if not isinstance(flag_value, kind) else flag_value
         elif _env(f.name) in environ:
             try:

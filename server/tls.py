@@ -1,8 +1,9 @@
-"""TLS and mutual TLS for the gRPC port, from PEM files named by the settings."""
+"""TLS and mutual TLS for the gRPC port and the HTTP API, from PEM files named by the settings."""
 
 from __future__ import annotations
 
 import logging
+import ssl
 from pathlib import Path
 
 import grpc
@@ -33,3 +34,21 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def server_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
+    """The same TLS (and mTLS) as `server_credentials`, for the HTTP API; None without TLS."""
+    if not settings.tls_cert:
+        return None
+    _read("tls_cert", settings.tls_cert)  # the same checks and messages as for gRPC
+    _read("tls_key", settings.tls_key)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        if settings.tls_client_ca:
+            _read("tls_client_ca", settings.tls_client_ca)
+            context.load_verify_locations(settings.tls_client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except ssl.SSLError as exc:
+        raise ConfigError(f"tls_cert, tls_key or tls_client_ca: unusable ({exc.reason})") from None
+    return context
