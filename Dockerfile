@@ -109,8 +109,9 @@ LABEL org.opencontainers.image.title="clipserve" \
       org.opencontainers.image.base.name="python:3.12-slim-bookworm"
 USER 10001:10001
 WORKDIR /tmp
-# 8001: gRPC (clipserve.v1.ClipService, grpc.health.v1); 8002: Prometheus /metrics
-EXPOSE 8001 8002
+# 8001: gRPC (clipserve.v1.ClipService, grpc.health.v1); 8002: Prometheus /metrics;
+# 8000: the OpenAI-compatible HTTP API when CLIPSERVE_HTTP_PORT=8000 (off by default)
+EXPOSE 8001 8002 8000
 ENTRYPOINT ["clipserve"]
 CMD ["serve"]
 
@@ -141,6 +142,6 @@ LABEL org.opencontainers.image.title="clipserve" \
       org.opencontainers.image.base.name="nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04"
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8001 8002
+EXPOSE 8001 8002 8000
 ENTRYPOINT ["clipserve"]
 CMD ["serve"]

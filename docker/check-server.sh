@@ -37,6 +37,9 @@ except ModuleNotFoundError:
 else:
     sys.exit("import torch works in the serving environment")
 
+if importlib.util.find_spec("aiohttp") is None:  # the http extra: --http-port works
+    sys.exit("the serving environment lacks aiohttp (the http extra)")
+
 if provider == "CUDAExecutionProvider":
     try:
         importlib.metadata.version("onnxruntime")

@@ -28,6 +28,7 @@ OCI_LABELS = (
     "org.opencontainers.image.created",
 )
 METRICS_PORT = 8002  # Triton's, where the server serves /metrics
+HTTP_PORT = 8000  # the OpenAI-compatible HTTP API, off unless CLIPSERVE_HTTP_PORT sets it
 
 
 @dataclass
@@ -122,7 +123,7 @@ def test_serving_images_start_the_server_as_pid_1(stages: dict[str, Stage], targ
     assert json.loads(stage.last("ENTRYPOINT")) == ["clipserve"]  # exec form: gets SIGTERM
     assert json.loads(stage.last("CMD")) == ["serve"]
     exposed = {int(port) for port in stage.last("EXPOSE").split()}
-    assert exposed == {ServerSettings().port, METRICS_PORT}
+    assert exposed == {ServerSettings().port, METRICS_PORT, HTTP_PORT}
 
 
 @pytest.mark.parametrize("target", SERVING)
