@@ -65,7 +65,10 @@ def convert_to_fp16(source: Path, destination: Path) -> None:
     # topological order (ONNX Runtime sorts itself, the checker and other runtimes do not).
     ir_model = onnx_ir.from_proto(converted)
     ir_model.graph.sort()
-    onnx.save(onnx_ir.to_proto(ir_model), str(destination))
+    onnx.save(  # weights beside the graph, as the fp32 export writes them (onnx_export)
+        onnx_ir.to_proto(ir_model), str(destination), save_as_external_data=True,
+        all_tensors_to_one_file=True, location=destination.name + ".data",
+    )
     onnx.checker.check_model(str(destination), full_check=True)
     logger.debug(
         "wrote fp16 variant of %s (fp32 tail: %s, %d fp16 round trips removed)",

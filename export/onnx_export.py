@@ -188,6 +188,9 @@ def _export(
         torch.backends.mha.set_fastpath_enabled(fastpath)
     if program is None:
         raise ExportError(f"torch.onnx.export returned no program for {input_name}")
-    program.save(str(path))
+    # Weights in one external file beside the graph (`model.onnx.data`): no 2 GB protobuf limit,
+    # and ONNX Runtime memory-maps the file instead of copying the weights out of a parsed
+    # protobuf, which lowers the server's peak memory while loading (docs/performance.md).
+    program.save(str(path), external_data=True)
     onnx.checker.check_model(str(path), full_check=True)
     logger.debug("exported %s -> %s to %s", input_name, output_name, path)

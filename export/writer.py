@@ -40,7 +40,7 @@ from clipserve.repository import (
     TokenizerInfo,
     TowerInfo,
     load_manifest,
-    sha256_file,
+    sha256_onnx,
 )
 
 from . import onnx_export, parity
@@ -250,9 +250,9 @@ def _manifest(
         embedding_dim=loaded.embedding_dim,
         precision=options.precision,
         vision=TowerInfo(VISION_MODEL, vision_file, VISION_INPUT, VISION_OUTPUT,
-                         sha256_file(root / vision_file)),
+                         sha256_onnx(root / vision_file)),
         text=TowerInfo(TEXT_MODEL, text_file, TEXT_INPUT, TEXT_OUTPUT,
-                       sha256_file(root / text_file)),
+                       sha256_onnx(root / text_file)),
         preprocess=Preprocess(
             size=size,
             mean=tuple(float(v) for v in pre["mean"]),  # type: ignore[arg-type]

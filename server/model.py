@@ -387,7 +387,12 @@ class ClipModel:
     async def label_embeddings(
         self, labels: Sequence[str], templates: tuple[str, ...], deadline: float | None
     ) -> np.ndarray:
-        """[N_labels, D]: per label the normalised mean of its templates' text embeddings."""
+        """[N_labels, D] (read-only): per label the normalised mean of its templates' text
+        embeddings."""
+        set_key = (templates, tuple(labels))
+        matrix = self.label_cache.get_set(set_key)
+        if matrix is not None:
+            return matrix
         keys: list[Hashable] = [(templates, label) for label in labels]
         cached = self.label_cache.get_many(keys)
         missing = [i for i, value in enumerate(cached) if value is None]
@@ -406,7 +411,8 @@ class ClipModel:
             self.label_cache.put_many((keys[i], per_label[j]) for j, i in enumerate(missing))
             for j, i in enumerate(missing):
                 cached[i] = per_label[j]
-        return np.stack(cached).astype(np.float32, copy=False)  # type: ignore[arg-type]
+        stacked = np.stack(cached).astype(np.float32, copy=False)  # type: ignore[arg-type]
+        return self.label_cache.put_set(set_key, stacked)
 
     def _check_labels(self, labels: Sequence[str]) -> None:
         if not labels:

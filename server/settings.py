@@ -130,7 +130,9 @@ class ServerSettings:
     max_labels: int = _opt(10_000, "labels one Classify request may carry")
     max_templates: int = _opt(100, "prompt templates one Classify request may carry")
     label_cache_size: int = _opt(
-        100_000, "label embeddings Classify keeps (LRU, keyed by label and templates)"
+        100_000,
+        "label embeddings Classify keeps (LRU, keyed by label and templates; as many rows again "
+        "for whole label sets sent before)",
     )
     max_image_pixels: int = _opt(
         40_000_000, "largest decoded image (width x height); larger ones are refused unread"

@@ -7,8 +7,10 @@ Layout written by `clipserve export` and read by `clipserve serve`::
       tokenizer.json            Hugging Face `tokenizers` JSON (CLIP BPE)
       clip_vision/config.pbtxt  Triton model configuration
       clip_vision/1/model.onnx  pixel_values float32 [N,3,S,S] -> image_embeds float32 [N,D]
+      clip_vision/1/model.onnx.data   its weights (ONNX external data, memory-mapped on load)
       clip_text/config.pbtxt
       clip_text/1/model.onnx    input_ids int64 [N,L] (1 <= L <= context) -> text_embeds [N,D]
+      clip_text/1/model.onnx.data
 
 Triton only loads sub-folders as models, so the two files at the top are ignored by it and the
 same folder also loads in Triton. Nothing here imports torch.
@@ -180,10 +182,21 @@ def _triple(value: Any, name: str) -> tuple[float, float, float]:
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    return _sha256((path,), chunk)
+
+
+def sha256_onnx(path: Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of an ONNX graph file followed by its external data file (`<name>.data`)."""
+    data = path.with_name(path.name + ".data")
+    return _sha256((path, data) if data.is_file() else (path,), chunk)
+
+
+def _sha256(paths: tuple[Path, ...], chunk: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
+    for path in paths:
+        with path.open("rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
     return digest.hexdigest()
 
 

@@ -51,7 +51,7 @@ def test_quick_bench_writes_table_json_and_plot(tiny_repository: Path, tmp_path:
         assert " / " in targets[key]["shown"]
     for key in ("vs_pytorch", "preprocess_speedup", "tokenizer_speedup"):
         assert targets[key]["status"] == "not measured"
-    assert document["extra"]["length_buckets"]["min_cosine"] > 0.9999
+    assert document["extra"]["length_buckets"]["tiny"]["min_cosine"] > 0.9999
 
     text = (output / "bench.md").read_text()
     assert "| model | system" in text

@@ -30,6 +30,8 @@ from clipserve.repository import (
     VISION_MODEL,
     VISION_OUTPUT,
     load_manifest,
+    sha256_file,
+    sha256_onnx,
 )
 from tests.conftest import TINY_EMBEDDING_DIM, TINY_IMAGE_SIZE, TINY_MODEL, TINY_SEED
 
@@ -70,14 +72,36 @@ def test_repository_layout(tiny_repository: Path) -> None:
             TEXT_MODEL,
             f"{TEXT_MODEL}/1",
             f"{TEXT_MODEL}/1/model.onnx",
+            f"{TEXT_MODEL}/1/model.onnx.data",
             f"{TEXT_MODEL}/config.pbtxt",
             VISION_MODEL,
             f"{VISION_MODEL}/1",
             f"{VISION_MODEL}/1/model.onnx",
+            f"{VISION_MODEL}/1/model.onnx.data",
             f"{VISION_MODEL}/config.pbtxt",
         ]
     )
     assert _leftovers(tiny_repository.parent) == []
+
+
+def test_weights_live_in_the_external_data_file(tiny_repository: Path) -> None:
+    """The graph file holds no weights: they are in model.onnx.data (memory-mapped on load),
+    and the manifest's checksum covers both files."""
+    for tower in (VISION_MODEL, TEXT_MODEL):
+        graph, data = (tiny_repository / tower / "1" / n for n in ("model.onnx", "model.onnx.data"))
+        assert data.stat().st_size > graph.stat().st_size
+        proto = onnx.load(str(graph), load_external_data=False)
+        external = [t for t in proto.graph.initializer
+                    if t.data_location == onnx.TensorProto.EXTERNAL]
+        assert sum(onnx.numpy_helper.to_array(t).nbytes for t in proto.graph.initializer
+                   if t.data_location != onnx.TensorProto.EXTERNAL) < 1 << 20
+        assert external
+        assert {e.value for t in external for e in t.external_data if e.key == "location"} == {
+            "model.onnx.data"
+        }
+    manifest = load_manifest(tiny_repository)
+    vision = tiny_repository / manifest.vision.file
+    assert manifest.vision.sha256 == sha256_onnx(vision) != sha256_file(vision)
 
 
 def test_manifest_contents(tiny_repository: Path) -> None:
@@ -91,7 +115,10 @@ def test_manifest_contents(tiny_repository: Path) -> None:
     assert manifest.embedding_dim == TINY_EMBEDDING_DIM
     assert manifest.precision == "fp32"
     for tower in (manifest.vision, manifest.text):
-        digest = hashlib.sha256((tiny_repository / tower.file).read_bytes()).hexdigest()
+        graph = tiny_repository / tower.file  # the graph, then its external weights
+        digest = hashlib.sha256(
+            graph.read_bytes() + graph.with_name(graph.name + ".data").read_bytes()
+        ).hexdigest()
         assert tower.sha256 == digest
     assert (manifest.vision.input, manifest.vision.output) == (VISION_INPUT, VISION_OUTPUT)
     assert (manifest.text.input, manifest.text.output) == (TEXT_INPUT, TEXT_OUTPUT)
@@ -295,7 +322,8 @@ def _reuse_tower(monkeypatch: pytest.MonkeyPatch, tiny_repository: Path, model: 
 
     def export(_model, path: Path, *args, **kwargs) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(tiny_repository / model / "1/model.onnx", path)
+        for name in ("model.onnx", "model.onnx.data"):  # the graph and its external weights
+            shutil.copyfile(tiny_repository / model / "1" / name, path.with_name(name))
 
     name = "export_vision" if model == VISION_MODEL else "export_text"
     monkeypatch.setattr(onnx_export, name, export)
