@@ -93,6 +93,7 @@ def engine_options(s: ServerSettings) -> EngineOptions:
         intra_op_threads=s.intra_op_threads,
         intra_op_spinning=s.intra_op_spinning,
         prepack_weights=s.prepack_weights,
+        cpu_mem_arena=s.cpu_mem_arena,
         gpu_mem_limit_mb=s.gpu_mem_limit_mb,
         cudnn_conv_algo_search=s.cudnn_conv_algo_search.upper(),
         io_binding=s.io_binding,

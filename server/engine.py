@@ -44,6 +44,7 @@ class EngineOptions:
     intra_op_threads: int = 0  # 0: usable_cores()
     intra_op_spinning: bool = False  # ORT threads busy-wait for work between operators
     prepack_weights: bool = True  # CPU kernels keep a re-laid-out copy of matrix weights
+    cpu_mem_arena: bool = True  # CPU activations stay in ONNX Runtime's arena between runs
     gpu_mem_limit_mb: int = 0  # CUDA arena limit per session (0: no limit)
     cudnn_conv_algo_search: str = "HEURISTIC"  # EXHAUSTIVE, HEURISTIC or DEFAULT
     io_binding: bool = True  # CUDA: staging buffers and bound device buffers per shape
@@ -198,6 +199,9 @@ class OnnxTower:
         session_options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if self._options.intra_op_spinning else "0"
         )
+        # Off: activation buffers go back to the allocator after each run instead of staying in
+        # an arena sized for the largest batch shape seen (warm-up included).
+        session_options.enable_cpu_mem_arena = self._options.cpu_mem_arena
         if not self._options.prepack_weights:  # one copy of the weights, not two
             session_options.add_session_config_entry("session.disable_prepacking", "1")
         try:

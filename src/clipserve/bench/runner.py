@@ -470,9 +470,9 @@ def memory(plan: Plan, outcome: Outcome, lg: LoadGenerator, model: str,
 
 
 #: The memory-bound CPU configuration of docs/performance.md: one copy of the weights (no
-#: pre-packing) and batch shapes whose activations stay small (CPU throughput barely grows
-#: beyond a batch of 4 images).
-LEAN_FLAGS = ("--no-prepack-weights", "--vision-max-batch-size", "4",
+#: pre-packing), activations returned after each batch (no arena), and batch shapes whose
+#: activations stay small (CPU throughput barely grows beyond a batch of 4 images).
+LEAN_FLAGS = ("--no-prepack-weights", "--no-cpu-mem-arena", "--vision-max-batch-size", "4",
               "--text-max-batch-size", "16")
 
 
