@@ -74,8 +74,8 @@ class ServerSettings:
     cpu_mem_arena: bool = _opt(
         True,
         "CPU: keep activation memory in ONNX Runtime's arena between batches (off returns it "
-        "after each batch: with ViT-L-14, 570 MiB less resident after load, no measurable "
-        "slowdown on ViT-B-32); off for memory-bound CPU deployments",
+        "after each batch; measured in docs/performance.md); off for memory-bound CPU "
+        "deployments",
     )
     gpu_mem_limit_mb: int = _opt(
         0, "CUDA: memory arena limit of each tower's session in MiB (0: no limit)"

@@ -35,7 +35,6 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from functools import lru_cache
-from itertools import chain
 from pathlib import Path
 
 import ftfy
@@ -124,21 +123,22 @@ class ClipTokenizer:
         general_texts: list[str] = []
         word_ids = self._word_ids
         words = _ASCII_WORDS.findall
+
+        def ascii_ids(text: str) -> list[int]:  # cleaned printable ASCII: cached word BPE
+            assert word_ids is not None
+            ids: list[int] = []
+            for word in words(text):
+                ids += word_ids(word)
+            return ids
+
         for i, raw in enumerate(texts):
-            if word_ids is not None and raw.isascii() and raw.isprintable() and "&" not in raw:
-                # `clean_text` without ftfy and html: they leave such texts unchanged
-                text = " ".join(raw.split()).lower()
-                if "_of_text>" not in text:
-                    ids: list[int] = []
-                    for word in words(text):
-                        ids += word_ids(word)
-                    contents[i] = ids
-                    continue
-            text = _prepare_text(raw)
+            fast = word_ids is not None and raw.isascii() and raw.isprintable() and "&" not in raw
+            # `clean_text` without ftfy and html on such texts: they would leave them unchanged
+            text = " ".join(raw.split()).lower() if fast else _prepare_text(raw)
             if "_of_text>" in text or LONG_S_CONTRACTION in text:
                 contents[i] = self._encode_rare(text)
             elif word_ids is not None and text.isascii() and text.isprintable():
-                contents[i] = list(chain.from_iterable(map(word_ids, words(text))))
+                contents[i] = ascii_ids(text)
             else:
                 general_rows.append(i)
                 general_texts.append(text)

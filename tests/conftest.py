@@ -11,6 +11,7 @@ torch and open_clip are imported inside the fixtures, so suites that do not use 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +80,15 @@ def tiny_torch_model(tiny_model: str) -> Any:
     from clipserve.export.options import ExportOptions
 
     return load_model(ExportOptions(model=tiny_model, pretrained="none", seed=TINY_SEED)).model
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """torch on one thread for a module: on a small shared CPU a spinning pool costs more than
+    it gives. (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`)"""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

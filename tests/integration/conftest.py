@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from clipserve.clients import ClipClient
 from tests.integration.harness import ServerThread
 
 
@@ -17,3 +18,16 @@ def clip_server(tiny_repository: Path) -> Iterator[ServerThread]:
     server.repository = tiny_repository  # type: ignore[attr-defined]
     yield server
     server.stop(grace_s=5)
+
+
+@pytest.fixture(scope="module")
+def address(clip_server: ServerThread) -> str:
+    """The session server's host:port."""
+    return str(clip_server.address)
+
+
+@pytest.fixture(scope="module")
+def client(address: str) -> Iterator[ClipClient]:
+    """A Python client of the session server (modules with another client override it)."""
+    with ClipClient(address, timeout=60.0) as c:
+        yield c

@@ -16,7 +16,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -48,17 +48,6 @@ LABELS = ["red circle", "green square", "blue triangle", "a photo of a dog"]
 
 
 # ---- fixtures ------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def address(clip_server: Any) -> str:
-    return str(clip_server.address)
-
-
-@pytest.fixture(scope="module")
-def client(address: str) -> Iterator[ClipClient]:
-    with ClipClient(address, timeout=60.0) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ held-out generated images; `test_demo_served.py` compares the served model with 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -32,13 +31,7 @@ HELDOUT_SEED = 7  # not the seed the training run reports on
 MIN_TOP1 = 0.90
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """One thread: on a small shared CPU a spinning thread pool costs more than it gives."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

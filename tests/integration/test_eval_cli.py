@@ -33,11 +33,6 @@ def _eval(address: str, *args: str, timeout: float = 240) -> subprocess.Complete
 
 
 @pytest.fixture(scope="module")
-def address(clip_server: Any) -> str:
-    return str(clip_server.address)
-
-
-@pytest.fixture(scope="module")
 def generated_run(address: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """One zero-shot run over 2 x 36 generated images, with its outputs."""
     out = tmp_path_factory.mktemp("eval")

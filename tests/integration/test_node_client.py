@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,17 +77,6 @@ def node() -> str:
         if done.returncode != 0 or not _installed():
             pytest.fail(f"`npm ci` in {NODE_DIR} failed:\n{done.stdout}\n{done.stderr}")
     return node
-
-
-@pytest.fixture(scope="module")
-def address(clip_server: Any) -> str:
-    return str(clip_server.address)
-
-
-@pytest.fixture(scope="module")
-def client(address: str) -> Iterator[ClipClient]:
-    with ClipClient(address, timeout=60.0) as c:
-        yield c
 
 
 def _encode(array: np.ndarray, fmt: str) -> bytes:
