@@ -145,6 +145,7 @@ class OnnxTower:
         self.input_shape: list[int | str | None] = list(inputs[input_name].shape)
         self.output_shape: list[int | str | None] = list(outputs[output_name].shape)
         self.provider = self._session.get_providers()[0]
+        self._check_provider()
         self._buffers: dict[tuple[tuple[int, ...], str], np.ndarray] = {}
         self._binder = self._bind()
         log.info(
@@ -152,6 +153,24 @@ class OnnxTower:
             "" if self._binder is None else (
                 ", I/O binding" + (" and CUDA graphs" if self._binder.cuda_graphs else "")
             ),
+        )
+
+    def _check_provider(self) -> None:
+        """ONNX Runtime falls back to CPU when the CUDA provider cannot start (a missing CUDA
+        or cuDNN library, no GPU): an error for `--device cuda`, a loud warning for auto."""
+        if self._options.device is Device.CPU or self.provider in (CUDA, TENSORRT):
+            return
+        if CUDA not in ort.get_available_providers():
+            return  # auto on a CPU-only onnxruntime: choose_providers already said so
+        if self._options.device is Device.CUDA:
+            raise RepositoryError(
+                f"--device cuda: the {self.name} model runs on {self.provider} because "
+                "onnxruntime's CUDA provider could not start (no GPU visible, or the CUDA 13 / "
+                "cuDNN 9 libraries are not on the library path)"
+            )
+        log.warning(
+            "device auto: onnxruntime's CUDA provider could not start; the %s model runs on %s",
+            self.name, self.provider,
         )
 
     def _bind(self) -> IoBinder | None:

@@ -12,6 +12,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from onnx import TensorProto, helper  # noqa: E402
 
+from clipserve.repository import RepositoryError  # noqa: E402
 from clipserve.server.binding import IoBinder  # noqa: E402
 from clipserve.server.engine import (  # noqa: E402
     CUDA,
@@ -20,6 +21,7 @@ from clipserve.server.engine import (  # noqa: E402
     cuda_provider_options,
     tensorrt_provider_options,
 )
+from clipserve.server.settings import Device  # noqa: E402
 from clipserve.server.towers import VisionRunner  # noqa: E402
 
 WEIGHTS = np.arange(3 * 4 * 4 * 5, dtype=np.float32).reshape(48, 5) / 100.0  # [3*4*4, 5]
@@ -120,6 +122,27 @@ def test_no_binding_on_cpu(model_path: Path) -> None:
                       EngineOptions(intra_op_threads=1, io_binding=True))
     assert tower.provider != CUDA
     assert tower._binder is None
+
+
+def test_a_cuda_provider_that_cannot_start_is_an_error_for_device_cuda(
+    model_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """onnxruntime-gpu without a usable GPU lists CUDA but runs the session on the CPU."""
+    import clipserve.server.engine as engine
+
+    if CUDA in ort.get_available_providers():
+        pytest.fail("this test expects a CPU-only onnxruntime (the project's test install)")
+    monkeypatch.setattr(engine.ort, "get_available_providers",
+                        lambda: [CUDA, "CPUExecutionProvider"])
+    with pytest.raises(RepositoryError, match="vision model runs on CPUExecutionProvider"):
+        OnnxTower("vision", model_path, "pixel_values", "image_embeds",
+                  EngineOptions(device=Device.CUDA, intra_op_threads=1))
+    tower = OnnxTower("vision", model_path, "pixel_values", "image_embeds",
+                      EngineOptions(device=Device.AUTO, intra_op_threads=1))
+    assert tower.provider == "CPUExecutionProvider"
+    assert "CUDA provider could not start" in caplog.text
+    batch = np.ones((2, 3, 4, 4), dtype=np.float32)
+    np.testing.assert_allclose(tower.run(batch), reference(batch), rtol=1e-6)
 
 
 def test_from_tensor_without_copy_is_a_checked_read_only_view() -> None:
