@@ -6,7 +6,8 @@
 #   - onnxruntime-gpu (CUDA 13 build) as one .tar.xz of its Python package, pruned to the device
 #     code of one GPU architecture (ARCH, default 90: H100/H200) by benchmarks/prune_fatbin.py,
 #     without the C API library (libonnxruntime.so, not used from Python) and without its
-#     `transformers` and `quantization` tool folders. The full wheel is ~255 MB; this is ~48 MB.
+#     `quantization` tools (`transformers` stays: the fp16 export uses its converter).
+#     The full wheel is ~255 MB; this is ~48 MB.
 # Needs readelf, zstd and xz.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,8 +27,7 @@ get .whl grpcio==1.81.1 grpcio-health-checking==1.81.1 grpcio-reflection==1.81.1
 get "$tmp" "onnxruntime-gpu==$ORT"
 mkdir "$tmp/pkg"
 (cd "$tmp/pkg" && unzip -q "$tmp"/onnxruntime_gpu-*.whl)
-rm -rf "$tmp/pkg/onnxruntime/transformers" "$tmp/pkg/onnxruntime/quantization" \
-       "$tmp"/pkg/onnxruntime/capi/libonnxruntime.so.*
+rm -rf "$tmp/pkg/onnxruntime/quantization" "$tmp"/pkg/onnxruntime/capi/libonnxruntime.so.*
 "$PY" benchmarks/prune_fatbin.py "$tmp/pkg/onnxruntime/capi/libonnxruntime_providers_cuda.so" \
   --keep "$ARCH" --drop-only-arch-kernels GroupProblemShape
 echo "compressing (about two minutes)"

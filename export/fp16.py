@@ -52,6 +52,7 @@ def convert_to_fp16(source: Path, destination: Path) -> None:
         op_block_list=list(FP32_OP_TYPES),
         node_block_list=tail,
     )
+    merge_duplicate_casts(converted)
     removed = remove_fp16_round_trips(converted, set(FP32_OP_TYPES), set(tail))
     # The converter leaves value_info entries for initializers typed float16 even where it kept
     # the initializer float32 (inputs of the fp32 islands): the checker rejects that. Drop those
@@ -74,6 +75,38 @@ def convert_to_fp16(source: Path, destination: Path) -> None:
         "wrote fp16 variant of %s (fp32 tail: %s, %d fp16 round trips removed)",
         source.name, tail, removed,
     )
+
+
+def merge_duplicate_casts(model: onnx.ModelProto) -> int:
+    """Keep one Cast per tensor and type; return how many duplicates were dropped.
+
+    onnxruntime(-gpu) 1.31's converter adds one Cast for every float32 consumer of a float16
+    tensor, all with the same output name, which is not a valid graph (one producer per name);
+    1.32 shares one Cast. Identical duplicates are dropped, with their value_info entries.
+    """
+    first: dict[str, onnx.NodeProto] = {}
+    duplicates: list[int] = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type == "Cast" and len(node.output) == 1 and node.output[0] in first:
+            earlier = first[node.output[0]]
+            if (earlier.op_type, list(earlier.input), list(earlier.attribute)) == (
+                "Cast", list(node.input), list(node.attribute)
+            ):
+                duplicates.append(index)
+                continue
+        for output in node.output:
+            first.setdefault(output, node)
+    for index in reversed(duplicates):
+        del model.graph.node[index]
+    seen: set[str] = set()
+    repeated: list[int] = []
+    for index, value in enumerate(model.graph.value_info):
+        if value.name in seen:
+            repeated.append(index)
+        seen.add(value.name)
+    for index in reversed(repeated):
+        del model.graph.value_info[index]
+    return len(duplicates)
 
 
 def remove_fp16_round_trips(
