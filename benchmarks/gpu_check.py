@@ -148,13 +148,13 @@ def main() -> None:
     steps = [
         ("parity", lambda: parity(args.fp32, args.fp16, device)),
         ("raw fp16", lambda: raw_sessions("fp16", args.fp16, device, buckets, args.seconds)),
-        ("raw fp32", lambda: raw_sessions("fp32", args.fp32, device, buckets[:4], args.seconds)),
         ("grpc fp16", lambda: served(
             "fp16", args.fp16, device, args.processes, args.seconds * 2,
             {"vision_max_batch_size": max(buckets), "text_max_batch_size": 256,
              "max_items_per_request": 256, "max_queue_size": 8192,
              "max_concurrent_requests": 4096},
         )),
+        ("raw fp32", lambda: raw_sessions("fp32", args.fp32, device, buckets[:4], args.seconds)),
     ]
     for name, step in steps:
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +41,7 @@ class _Shape:
     device_input: Any | None  # ort.OrtValue on the device (CUDA), None on CPU
     device_output: Any | None
     graph_id: int
-    pinned: bool
+    unpin: weakref.finalize | None  # unregisters the page-locked staging buffer, once
 
 
 class IoBinder:
@@ -99,7 +100,7 @@ class IoBinder:
 
     def _create(self, shape: tuple[int, ...], dtype: np.dtype) -> _Shape:
         staging = np.zeros(shape, dtype=dtype)
-        pinned = self._cudart is not None and _pin(self._cudart, staging)
+        unpin = _pin(self._cudart, staging) if self._cudart is not None else None
         binding = self._session.io_binding()
         device_input = device_output = None
         graph_id = len(self._shapes) + 1  # 0 is ORT's default graph; one id per shape
@@ -117,15 +118,15 @@ class IoBinder:
         else:  # the CPU reads the staging buffer in place
             binding.bind_cpu_input(self._input, staging)
             binding.bind_output(self._output, "cpu")
-        log.debug("bound shape %s %s (pinned=%s, graph=%s)", shape, dtype, pinned,
+        log.debug("bound shape %s %s (pinned=%s, graph=%s)", shape, dtype, unpin is not None,
                   graph_id if self._graphs else "-")
-        return _Shape(staging, binding, device_input, device_output, graph_id, pinned)
+        return _Shape(staging, binding, device_input, device_output, graph_id, unpin)
 
     def close(self) -> None:
         """Unpin the staging buffers (the session is being replaced or closed)."""
         for bound in self._shapes.values():
-            if bound.pinned and self._cudart is not None:
-                self._cudart.cudaHostUnregister(ctypes.c_void_p(bound.staging.ctypes.data))
+            if bound.unpin is not None:
+                bound.unpin()
         self._shapes.clear()
 
 
@@ -144,11 +145,24 @@ def _cudart() -> Any | None:
     return None
 
 
-def _pin(cudart: Any, array: np.ndarray) -> bool:
-    """Page-lock `array`'s memory for fast, asynchronous host -> device copies."""
+def _pin(cudart: Any, array: np.ndarray) -> weakref.finalize | None:
+    """Page-lock `array`'s memory for fast, asynchronous host -> device copies.
+
+    Returns the finalizer that unregisters it: called by `close`, or when the array is freed,
+    before numpy releases the memory (a range freed while still registered makes the next
+    allocation at that address fail to register). None where registering failed.
+    """
+    address = array.ctypes.data
     status = cudart.cudaHostRegister(
-        ctypes.c_void_p(array.ctypes.data), ctypes.c_size_t(array.nbytes), ctypes.c_uint(0)
+        ctypes.c_void_p(address), ctypes.c_size_t(array.nbytes), ctypes.c_uint(0)
     )
     if status != 0:
+        cudart.cudaGetLastError()  # clear it: ONNX Runtime would report it as its own error
         log.warning("cudaHostRegister failed (%d): staging buffer stays pageable", status)
-    return bool(status == 0)
+        return None
+    return weakref.finalize(array, _unpin, cudart, address)
+
+
+def _unpin(cudart: Any, address: int) -> None:
+    if cudart.cudaHostUnregister(ctypes.c_void_p(address)) != 0:
+        cudart.cudaGetLastError()
