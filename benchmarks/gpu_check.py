@@ -15,7 +15,9 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import subprocess
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -92,6 +94,31 @@ def raw_sessions(name: str, repo: Path, device: Device, buckets: list[int],
     say(f"gpu_mib/after_raw_{name}", gpu_memory_mib(), f"GPU memory in use: {gpu_memory_mib()} MiB")
 
 
+def thread_cpu_seconds() -> dict[str, float]:
+    """CPU seconds used so far by each thread of this process (the in-process server's), by
+    Python thread name; threads Python did not start (ONNX Runtime's, gRPC's) are summed by
+    their kernel name. Linux only ({} elsewhere)."""
+    names = {t.native_id: t.name for t in threading.enumerate() if t.native_id is not None}
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            comm = (task / "comm").read_text().strip()
+        except OSError:  # the thread ended
+            continue
+        name = names.get(int(task.name), f"other ({comm})")
+        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return used
+
+
+def busiest_threads(before: dict[str, float], after: dict[str, float], seconds: float) -> str:
+    """'name 97%, name 40%, ...': the threads' share of one core over `seconds`."""
+    share = {k: (after[k] - before.get(k, 0.0)) / seconds for k in after}
+    top = sorted(share.items(), key=lambda kv: -kv[1])[:6]
+    return ", ".join(f"{name} {100 * value:.0f}%" for name, value in top if value >= 0.05)
+
+
 def parallel(loadgens: list[LoadGenerator], **command: Any) -> Sample:
     """The same load from every load generator at once; one merged sample (rates add up)."""
     with ThreadPoolExecutor(len(loadgens)) as pool:
@@ -112,15 +139,19 @@ def served(name: str, repo: Path, device: Device, processes: int, seconds: float
                 ("tensor", 8, 16), ("tensor", 16, 16), ("jpeg_640x480", 8, 16),
                 ("jpeg_1920x1080", 4, 16), ("text_short", 16, 32),
             ):
+                cpu_before, started = thread_cpu_seconds(), time.monotonic()
                 sample = parallel(loadgens, address=server.address, scenario=scenario,
                                   concurrency=clients, items=items, seconds=seconds,
                                   warmup_s=1.0, server=server)
+                threads = busiest_threads(cpu_before, thread_cpu_seconds(),
+                                          time.monotonic() - started)
                 stats = sample.stats()
                 tag = f"{scenario} x{items}/request, {processes}x{clients} clients"
-                say(f"grpc/{name}/{scenario}/{items}", stats.to_dict(),
+                say(f"grpc/{name}/{scenario}/{items}", {**stats.to_dict(), "threads": threads},
                     f"gRPC {name} {tag}: {stats.items_per_s:8.1f} items/s, p50 "
                     f"{stats.p50_ms:.1f} ms, p99 {stats.p99_ms:.1f} ms, batch "
-                    f"{stats.mean_batch or 0:.1f}, errors {stats.errors}")
+                    f"{stats.mean_batch or 0:.1f}, errors {stats.errors}\n"
+                    f"    server threads (share of one core, warm-up included): {threads}")
             say(f"gpu_mib/after_grpc_{name}", gpu_memory_mib(),
                 f"GPU memory in use: {gpu_memory_mib()} MiB")
     finally:
