@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 from clipserve.repository import Manifest, RepositoryError, load_manifest
 from clipserve.server.access_log import AccessLogInterceptor
 from clipserve.server.auth import BearerAuthInterceptor, interceptors_for
+from clipserve.server.batch_plan import BatchPlanner
 from clipserve.server.batcher import BatcherConfig, DynamicBatcher
 from clipserve.server.engine import EngineOptions, OnnxTower, usable_cores
 from clipserve.server.grpc_errors import ErrorInterceptor
@@ -164,10 +165,13 @@ class ClipServer:
         length_buckets = parse_length_buckets(
             s.text_length_buckets, manifest.tokenizer.context_length
         )
-        vision_runner = VisionRunner(vision, manifest.preprocess.size, vision_buckets)
+        vision_runner = VisionRunner(
+            vision, manifest.preprocess.size, vision_buckets,
+            BatchPlanner(vision_buckets, enabled=s.batch_trimming),
+        )
         text_runner = TextRunner(
             text, text_buckets, length_buckets, manifest.tokenizer.pad_token_id,
-            manifest.tokenizer.eot_token_id,
+            manifest.tokenizer.eot_token_id, BatchPlanner(text_buckets, enabled=s.batch_trimming),
         )
 
         def policy(max_batch_size: int) -> BatcherConfig:
@@ -179,10 +183,12 @@ class ClipServer:
             )
 
         vision_batcher: DynamicBatcher = DynamicBatcher(
-            "vision", vision_runner, policy(s.vision_max_batch_size)
+            "vision", vision_runner, policy(s.vision_max_batch_size),
+            size_for=vision_runner.planner.size_for,
         )
         text_batcher: DynamicBatcher = DynamicBatcher(
-            "text", text_runner, policy(s.text_max_batch_size), group_of=text_runner.group_of
+            "text", text_runner, policy(s.text_max_batch_size), group_of=text_runner.group_of,
+            size_for=text_runner.planner.size_for,
         )
         self.model = ClipModel(
             manifest,

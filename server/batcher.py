@@ -7,6 +7,8 @@ Contract:
   oldest queued item has waited `max_queue_delay`; waiting is event-driven (no polling).
 - Items carry a group key (e.g. a text-length bucket); a batch holds items of one group, the
   group of the oldest item, so a batch costs what its members need.
+- `size_for(group, n)` (optional, `BatchPlanner.size_for`) may run fewer than the `n` items of
+  a formed batch: the rest go back to the head of their queue, in order, for the next batch.
 - Cancelled items (the caller went away) are skipped; expired items (deadline or queue timeout)
   fail with `DeadlineExpired` before compute.
 - The batch function runs on the batcher's own single-thread executor, never on the event loop;
@@ -117,12 +119,14 @@ class DynamicBatcher(Generic[T, R]):
         config: BatcherConfig,
         *,
         group_of: Callable[[T], Hashable] | None = None,
+        size_for: Callable[[Hashable, int], int] | None = None,
     ) -> None:
         self.name = name
         self.config = config
         self.stats = BatchStats()
         self._batch_fn = batch_fn
         self._group_of = group_of or (lambda _item: None)
+        self._size_for = size_for
         self._queues: dict[Hashable, deque[_Item[T]]] = {}
         self._queued = 0
         self._arrived = asyncio.Event()
@@ -236,6 +240,8 @@ class DynamicBatcher(Generic[T, R]):
             self._held = []
             now = time.monotonic()  # callers may have left while the batch waited: skip them
             batch = [item for item in batch if self._wanted(item, now)]
+            if self._size_for is not None and len(batch) > 1:
+                batch = self._trim(batch, self._size_for(batch[0].group, len(batch)))
             if not batch:  # every item was cancelled or expired
                 self._slots.release()
                 self._check_idle()
@@ -290,6 +296,16 @@ class DynamicBatcher(Generic[T, R]):
                 continue
             self._arrived.clear()  # set again by `submit` and when a batch finishes
             await self._arrived.wait()
+
+    def _trim(self, batch: list[_Item[T]], keep: int) -> list[_Item[T]]:
+        """Run the first `keep` items; the others go back to the head of their queue."""
+        keep = max(1, min(keep, len(batch)))
+        rest = batch[keep:]
+        if rest:
+            self._queues[batch[0].group].extendleft(reversed(rest))
+            self._queued += len(rest)
+            self._arrived.set()
+        return batch[:keep]
 
     def _take(self, queue: deque[_Item[T]], limit: int | None = None) -> list[_Item[T]]:
         batch: list[_Item[T]] = []

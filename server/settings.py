@@ -124,6 +124,11 @@ class ServerSettings:
         "batch sizes the engine runs, smaller batches padded up: 'pow2' (1,2,4,... up to the "
         "max batch size), 'all' (every size, no padding) or a comma list",
     )
+    batch_trimming: bool = _opt(
+        True,
+        "run a smaller batch bucket full, leaving the rest queued, instead of padding up to the "
+        "next bucket when the shapes' measured costs say it carries more items per second",
+    )
     text_length_buckets: str = _opt(
         "8,16,32,77",
         "token lengths the text tower runs; a batch holds texts of one bucket and is padded to "

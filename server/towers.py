@@ -2,7 +2,8 @@
 
 They run on the batchers' inference threads. Padding to a bounded set of shapes (batch buckets,
 and token-length buckets for text) keeps the engine on shapes it has already run once, which is
-what warm-up relies on.
+what warm-up relies on. Each runner times its batches (warm-up included) for its
+`BatchPlanner`, which tells the batcher when a smaller full bucket beats padding.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 
+from clipserve.server.batch_plan import BatchPlanner
 from clipserve.server.engine import OnnxTower, bucket_for
 
 log = logging.getLogger(__name__)
@@ -21,19 +23,27 @@ log = logging.getLogger(__name__)
 class VisionRunner:
     """list of float32 [3, S, S] -> list of embeddings [D]."""
 
-    def __init__(self, tower: OnnxTower, image_size: int, batch_buckets: Sequence[int]) -> None:
+    def __init__(
+        self, tower: OnnxTower, image_size: int, batch_buckets: Sequence[int],
+        planner: BatchPlanner | None = None,
+    ) -> None:
         self.tower = tower
         self.image_size = image_size
         self.batch_buckets = tuple(batch_buckets)
+        self.planner = planner or BatchPlanner(self.batch_buckets)
 
     def __call__(self, values: list[np.ndarray], _group: Hashable = None) -> list[np.ndarray]:
+        started = time.perf_counter()
         n = len(values)
         s = self.image_size
+        rows = bucket_for(n, self.batch_buckets)
         # [n, 3, S, S] stacked straight into the bucket's reusable buffer [bucket, 3, S, S]
-        batch = self.tower.batch_buffer((bucket_for(n, self.batch_buckets), 3, s, s), np.float32)
+        batch = self.tower.batch_buffer((rows, 3, s, s), np.float32)
         np.stack(values, out=batch[:n])
         batch[n:] = 0.0  # padding rows
-        return list(self.tower.run(batch)[:n])
+        out = list(self.tower.run(batch)[:n])
+        self.planner.record(None, rows, time.perf_counter() - started)
+        return out
 
     def rebuild(self) -> None:
         """A fresh session, checked on every batch shape (session recovery)."""
@@ -44,8 +54,8 @@ class VisionRunner:
         """Run every batch bucket once; return the number of shapes run."""
         s = self.image_size
         for size in self.batch_buckets:
-            for _ in range(self.tower.warmup_runs):
-                self.tower.run(np.zeros((size, 3, s, s), dtype=np.float32))
+            batch = np.zeros((size, 3, s, s), dtype=np.float32)
+            self.planner.record(None, size, _warm(self.tower, batch))
         return len(self.batch_buckets)
 
 
@@ -62,25 +72,31 @@ class TextRunner:
         length_buckets: Sequence[int],
         pad_id: int = 0,
         eot_id: int = 49407,
+        planner: BatchPlanner | None = None,
     ) -> None:
         self.tower = tower
         self.batch_buckets = tuple(batch_buckets)
         self.length_buckets = tuple(length_buckets)
         self.pad_id = pad_id
         self.eot_id = eot_id
+        self.planner = planner or BatchPlanner(self.batch_buckets)
 
     def group_of(self, ids: np.ndarray) -> int:
         return bucket_for(len(ids), self.length_buckets)
 
     def __call__(self, values: list[np.ndarray], group: Hashable = None) -> list[np.ndarray]:
+        started = time.perf_counter()
         n = len(values)
         length = int(group) if group is not None else max(len(v) for v in values)  # type: ignore[call-overload]
+        rows = bucket_for(n, self.batch_buckets)
         # [bucket, length] int64, pad id after each text's end-of-text token
-        batch = self.tower.batch_buffer((bucket_for(n, self.batch_buckets), length), np.int64)
+        batch = self.tower.batch_buffer((rows, length), np.int64)
         batch.fill(self.pad_id)
         for row, ids in enumerate(values):
             batch[row, : len(ids)] = ids
-        return list(self.tower.run(batch)[:n])
+        out = list(self.tower.run(batch)[:n])
+        self.planner.record(length, rows, time.perf_counter() - started)
+        return out
 
     def rebuild(self) -> None:
         """A fresh session, checked on every batch shape (session recovery)."""
@@ -93,9 +109,25 @@ class TextRunner:
             for size in self.batch_buckets:
                 ids = np.full((size, length), self.pad_id, dtype=np.int64)
                 ids[:, -1] = self.eot_id
-                for _ in range(self.tower.warmup_runs):
-                    self.tower.run(ids)
+                self.planner.record(length, size, _warm(self.tower, ids))
         return len(self.length_buckets) * len(self.batch_buckets)
+
+
+#: Warm-up runs a shape once more when its run took less than this (seconds), and keeps the
+#: second timing for the batch planner: a first run carries one-off allocations.
+RETIME_BELOW_S = 0.5
+
+
+def _warm(tower: OnnxTower, batch: np.ndarray) -> float:
+    """Run one warm-up shape (`warmup_runs` times, once more when cheap); its steady cost."""
+    runs = tower.warmup_runs
+    for index in range(runs + 1):
+        started = time.perf_counter()
+        tower.run(batch)
+        seconds = time.perf_counter() - started
+        if index + 1 >= runs and seconds >= RETIME_BELOW_S:
+            break
+    return seconds
 
 
 def timed_warm_up(name: str, runner: VisionRunner | TextRunner) -> None:
