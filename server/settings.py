@@ -127,7 +127,7 @@ class ServerSettings:
     batch_trimming: bool = _opt(
         True,
         "run a smaller batch bucket full, leaving the rest queued, instead of padding up to the "
-        "next bucket when the shapes' measured costs say it carries more items per second",
+        "next bucket when the shapes' measured costs say it carries 20% more items per second",
     )
     text_length_buckets: str = _opt(
         "8,16,32,77",
