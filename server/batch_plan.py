@@ -1,5 +1,7 @@
 """Which batch to run: pad the queued items up to a bucket, or run a smaller bucket full.
 
+Opt-in (`--batch-trimming`): docs/performance.md has the measured gains and losses.
+
 Batches are padded to a bounded set of shapes (batch buckets) that warm-up has run. Padded rows
 cost what real ones do wherever the engine is compute-bound (on a CPU always, on a GPU from a
 few dozen images up): 11 images padded to 16 take as long as 16. When a smaller bucket carries

@@ -125,9 +125,10 @@ class ServerSettings:
         "max batch size), 'all' (every size, no padding) or a comma list",
     )
     batch_trimming: bool = _opt(
-        True,
+        False,
         "run a smaller batch bucket full, leaving the rest queued, instead of padding up to the "
-        "next bucket when the shapes' measured costs say it carries 20% more items per second",
+        "next bucket when the shapes' measured costs say it carries a fifth more items per second "
+        "(opt-in: measured gains and losses, docs/performance.md)",
     )
     text_length_buckets: str = _opt(
         "8,16,32,77",
