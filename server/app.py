@@ -165,13 +165,14 @@ class ClipServer:
         length_buckets = parse_length_buckets(
             s.text_length_buckets, manifest.tokenizer.context_length
         )
+        trim = s.batch_trimming  # planners time the batches only where they are used
         vision_runner = VisionRunner(
             vision, manifest.preprocess.size, vision_buckets,
-            BatchPlanner(vision_buckets, enabled=s.batch_trimming),
+            BatchPlanner(vision_buckets) if trim else None,
         )
         text_runner = TextRunner(
             text, text_buckets, length_buckets, manifest.tokenizer.pad_token_id,
-            manifest.tokenizer.eot_token_id, BatchPlanner(text_buckets, enabled=s.batch_trimming),
+            manifest.tokenizer.eot_token_id, BatchPlanner(text_buckets) if trim else None,
         )
 
         def policy(max_batch_size: int) -> BatcherConfig:
@@ -184,11 +185,11 @@ class ClipServer:
 
         vision_batcher: DynamicBatcher = DynamicBatcher(
             "vision", vision_runner, policy(s.vision_max_batch_size),
-            size_for=vision_runner.planner.size_for,
+            size_for=vision_runner.planner.size_for if vision_runner.planner else None,
         )
         text_batcher: DynamicBatcher = DynamicBatcher(
             "text", text_runner, policy(s.text_max_batch_size), group_of=text_runner.group_of,
-            size_for=text_runner.planner.size_for,
+            size_for=text_runner.planner.size_for if text_runner.planner else None,
         )
         self.model = ClipModel(
             manifest,

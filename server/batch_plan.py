@@ -37,9 +37,8 @@ class BatchPlanner:
     `record` runs on the inference thread, `size_for` on the event loop.
     """
 
-    def __init__(self, buckets: Sequence[int], *, enabled: bool = True) -> None:
+    def __init__(self, buckets: Sequence[int]) -> None:
         self.buckets = tuple(sorted(buckets))
-        self.enabled = enabled
         self._cost: dict[tuple[Hashable, int], float] = {}
         self._lock = threading.Lock()
         self._trimmed = 0  # batches trimmed so far (for EXPLORE_EVERY)
@@ -65,7 +64,7 @@ class BatchPlanner:
         """
         padded = bucket_for(n, self.buckets)
         pad_cost = self.cost(group, padded)
-        if not self.enabled or padded == n or pad_cost is None or pad_cost <= 0:
+        if padded == n or pad_cost is None or pad_cost <= 0:
             return n
         beat = n / pad_cost * (1 + TRIM_MARGIN)  # items per second a smaller bucket must beat
         for rows in reversed(self.buckets):  # the largest such bucket: fewest items left over

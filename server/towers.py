@@ -2,8 +2,9 @@
 
 They run on the batchers' inference threads. Padding to a bounded set of shapes (batch buckets,
 and token-length buckets for text) keeps the engine on shapes it has already run once, which is
-what warm-up relies on. Each runner times its batches (warm-up included) for its
-`BatchPlanner`, which tells the batcher when a smaller full bucket beats padding.
+what warm-up relies on. With batch trimming on, each runner times its batches (warm-up
+included) for its `BatchPlanner`, which tells the batcher when a smaller full bucket beats
+padding.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class VisionRunner:
         self.tower = tower
         self.image_size = image_size
         self.batch_buckets = tuple(batch_buckets)
-        self.planner = planner or BatchPlanner(self.batch_buckets)
+        self.planner = planner
 
     def __call__(self, values: list[np.ndarray], _group: Hashable = None) -> list[np.ndarray]:
         started = time.perf_counter()
@@ -42,7 +43,8 @@ class VisionRunner:
         np.stack(values, out=batch[:n])
         batch[n:] = 0.0  # padding rows
         out = list(self.tower.run(batch)[:n])
-        self.planner.record(None, rows, time.perf_counter() - started)
+        if self.planner is not None:
+            self.planner.record(None, rows, time.perf_counter() - started)
         return out
 
     def rebuild(self) -> None:
@@ -54,8 +56,7 @@ class VisionRunner:
         """Run every batch bucket once; return the number of shapes run."""
         s = self.image_size
         for size in self.batch_buckets:
-            batch = np.zeros((size, 3, s, s), dtype=np.float32)
-            self.planner.record(None, size, _warm(self.tower, batch))
+            _warm(self.tower, np.zeros((size, 3, s, s), dtype=np.float32), self.planner, None)
         return len(self.batch_buckets)
 
 
@@ -79,7 +80,7 @@ class TextRunner:
         self.length_buckets = tuple(length_buckets)
         self.pad_id = pad_id
         self.eot_id = eot_id
-        self.planner = planner or BatchPlanner(self.batch_buckets)
+        self.planner = planner
 
     def group_of(self, ids: np.ndarray) -> int:
         return bucket_for(len(ids), self.length_buckets)
@@ -95,7 +96,8 @@ class TextRunner:
         for row, ids in enumerate(values):
             batch[row, : len(ids)] = ids
         out = list(self.tower.run(batch)[:n])
-        self.planner.record(length, rows, time.perf_counter() - started)
+        if self.planner is not None:
+            self.planner.record(length, rows, time.perf_counter() - started)
         return out
 
     def rebuild(self) -> None:
@@ -109,25 +111,30 @@ class TextRunner:
             for size in self.batch_buckets:
                 ids = np.full((size, length), self.pad_id, dtype=np.int64)
                 ids[:, -1] = self.eot_id
-                self.planner.record(length, size, _warm(self.tower, ids))
+                _warm(self.tower, ids, self.planner, length)
         return len(self.length_buckets) * len(self.batch_buckets)
 
 
-#: Warm-up runs a shape once more when its run took less than this (seconds), and keeps the
-#: second timing for the batch planner: a first run carries one-off allocations.
+#: With a planner, warm-up runs a shape once more when its run took less than this (seconds)
+#: and gives the planner the second timing: a first run carries one-off allocations.
 RETIME_BELOW_S = 0.5
 
 
-def _warm(tower: OnnxTower, batch: np.ndarray) -> float:
-    """Run one warm-up shape (`warmup_runs` times, once more when cheap); its steady cost."""
-    runs = tower.warmup_runs
-    for index in range(runs + 1):
+def _warm(
+    tower: OnnxTower, batch: np.ndarray, planner: BatchPlanner | None, group: Hashable
+) -> None:
+    """Run one warm-up shape `warmup_runs` times; with a planner, time it (steady cost)."""
+    for _ in range(tower.warmup_runs):
+        started = time.perf_counter()
+        tower.run(batch)
+    if planner is None:
+        return
+    seconds = time.perf_counter() - started
+    if seconds < RETIME_BELOW_S:
         started = time.perf_counter()
         tower.run(batch)
         seconds = time.perf_counter() - started
-        if index + 1 >= runs and seconds >= RETIME_BELOW_S:
-            break
-    return seconds
+    planner.record(group, len(batch), seconds)
 
 
 def timed_warm_up(name: str, runner: VisionRunner | TextRunner) -> None:

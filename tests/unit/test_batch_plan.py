@@ -49,10 +49,6 @@ def test_untimed_shapes_are_never_chosen_over_padding() -> None:
     assert BatchPlanner(BUCKETS).size_for(None, 11) == 11  # nothing timed yet
     assert planner_with({16: 1.6}).size_for(None, 11) == 11  # only the padded shape timed
     assert planner_with({b: 0.1 * b for b in BUCKETS}, group=77).size_for(8, 11) == 11
-    disabled = BatchPlanner(BUCKETS, enabled=False)
-    for rows in BUCKETS:
-        disabled.record(None, rows, 0.1 * rows)
-    assert disabled.size_for(None, 11) == 11
 
 
 def test_costs_follow_a_moving_average() -> None:
@@ -106,14 +102,15 @@ def test_a_runner_times_every_shape_at_warm_up_and_every_batch(tmp_path: Path) -
 
     tower = OnnxTower("vision", linear_model(tmp_path / "m.onnx"), "pixel_values",
                       "image_embeds", EngineOptions(intra_op_threads=1))
-    runner = VisionRunner(tower, 4, (1, 2, 4))
+    planner = BatchPlanner((1, 2, 4))
+    runner = VisionRunner(tower, 4, (1, 2, 4), planner)
     assert runner.warm_up() == 3
-    assert all((runner.planner.cost(None, rows) or 0) > 0 for rows in (1, 2, 4))
+    assert all((planner.cost(None, rows) or 0) > 0 for rows in (1, 2, 4))
     images = [np.full((3, 4, 4), i, dtype=np.float32) for i in range(3)]
-    before = runner.planner.cost(None, 4)
+    before = planner.cost(None, 4)
     out = runner(images)
     np.testing.assert_allclose(np.stack(out), reference(np.stack(images)), rtol=1e-6)
-    assert runner.planner.cost(None, 4) != before  # the padded batch of 3 was timed as 4 rows
+    assert planner.cost(None, 4) != before  # the padded batch of 3 was timed as 4 rows
 
 
 def test_one_trimmed_batch_in_a_while_runs_whole_to_be_timed_again() -> None:

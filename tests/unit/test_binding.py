@@ -182,15 +182,19 @@ class RecordingTower:
 
 @pytest.mark.parametrize("runs", [1, 3])
 def test_warm_up_runs_every_batch_and_length_bucket(runs: int) -> None:
+    from clipserve.server.batch_plan import BatchPlanner
     from clipserve.server.towers import TextRunner
 
-    # a cheap shape (all of these) runs once more, for the batch planner's steady timing
     vision = RecordingTower(runs)
-    runner = VisionRunner(vision, 8, (1, 2, 4))  # type: ignore[arg-type]
-    assert runner.warm_up() == 3
-    assert vision.shapes == [(b, 3, 8, 8) for b in (1, 2, 4) for _ in range(runs + 1)]
-    assert all(runner.planner.cost(None, b) is not None for b in (1, 2, 4))
+    assert VisionRunner(vision, 8, (1, 2, 4)).warm_up() == 3  # type: ignore[arg-type]
+    assert vision.shapes == [(b, 3, 8, 8) for b in (1, 2, 4) for _ in range(runs)]
     text = RecordingTower(runs)
     assert TextRunner(text, (1, 16), (8, 77)).warm_up() == 4  # type: ignore[arg-type]
     assert sorted(set(text.shapes)) == [(1, 8), (1, 77), (16, 8), (16, 77)]
-    assert len(text.shapes) == 4 * (runs + 1)
+    assert len(text.shapes) == 4 * runs
+    # with batch trimming, a cheap shape (all of these) runs once more for a steady timing
+    timed = RecordingTower(runs)
+    planner = BatchPlanner((1, 2, 4))
+    assert VisionRunner(timed, 8, (1, 2, 4), planner).warm_up() == 3  # type: ignore[arg-type]
+    assert timed.shapes == [(b, 3, 8, 8) for b in (1, 2, 4) for _ in range(runs + 1)]
+    assert all(planner.cost(None, b) is not None for b in (1, 2, 4))
