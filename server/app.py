@@ -41,6 +41,7 @@ from clipserve.server.preprocess import ImagePreprocessor
 from clipserve.server.settings import (
     ConfigError,
     ServerSettings,
+    pads_batches,
     parse_buckets,
     parse_length_buckets,
 )
@@ -165,14 +166,20 @@ class ClipServer:
         length_buckets = parse_length_buckets(
             s.text_length_buckets, manifest.tokenizer.context_length
         )
-        trim = s.batch_trimming  # planners time the batches only where they are used
+        pad = pads_batches(s.batch_buckets, vision.provider)
+        # planners time the batches only where they are used: trimming replaces padding
+        trim = s.batch_trimming and pad
+        if s.batch_trimming and not pad:
+            log.info("--batch-trimming has nothing to do: batches on the CPU run unpadded "
+                     "(--batch-buckets auto)")
         vision_runner = VisionRunner(
             vision, manifest.preprocess.size, vision_buckets,
-            BatchPlanner(vision_buckets) if trim else None,
+            BatchPlanner(vision_buckets) if trim else None, pad=pad,
         )
         text_runner = TextRunner(
             text, text_buckets, length_buckets, manifest.tokenizer.pad_token_id,
             manifest.tokenizer.eot_token_id, BatchPlanner(text_buckets) if trim else None,
+            pad=pad,
         )
 
         def policy(max_batch_size: int) -> BatcherConfig:
@@ -210,6 +217,9 @@ class ClipServer:
         )
         self.supervisor.watch("vision", vision_batcher, vision_runner.rebuild)
         self.supervisor.watch("text", text_batcher, text_runner.rebuild)
+        if not pad:  # every size runs as it comes
+            vision_buckets = tuple(range(1, s.vision_max_batch_size + 1))
+            text_buckets = tuple(range(1, s.text_max_batch_size + 1))
         info = model_info(self.model, vision.provider, vision_buckets, text_buckets, length_buckets)
         triton_models = build_models(self.model)
         statistics = TritonStatistics(

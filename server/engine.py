@@ -196,15 +196,18 @@ class OnnxTower:
         """A reusable host buffer for a batch of `shape`: fill it and pass it to `run`.
 
         With I/O binding it is the shape's (page-locked) staging buffer, so the batch is
-        written once and copied to the device from there. Use it on the inference thread only.
+        written once and copied to the device from there. Otherwise it is the first rows of one
+        buffer per row shape, grown to the most rows asked for, so batches of every size (unpadded
+        on the CPU) share one allocation. Use it on the inference thread only.
         """
         if self._binder is not None:
             return self._binder.staging(shape, dtype)
-        key = (tuple(shape), np.dtype(dtype).str)
+        rows, row_shape = shape[0], tuple(shape[1:])
+        key = (row_shape, np.dtype(dtype).str)
         buffer = self._buffers.get(key)
-        if buffer is None:
-            buffer = self._buffers[key] = np.zeros(shape, dtype=dtype)
-        return buffer
+        if buffer is None or len(buffer) < rows:
+            buffer = self._buffers[key] = np.zeros((rows, *row_shape), dtype=dtype)
+        return buffer[:rows]
 
     def _load(self, threads: int) -> ort.InferenceSession:
         session_options = ort.SessionOptions()

@@ -120,15 +120,18 @@ class ServerSettings:
         "included), fails with DEADLINE_EXCEEDED (0: only the call deadline)",
     )
     batch_buckets: str = _opt(
-        "pow2",
+        "auto",
         "batch sizes the engine runs, smaller batches padded up: 'pow2' (1,2,4,... up to the "
-        "max batch size), 'all' (every size, no padding) or a comma list",
+        "max batch size), 'all' (every size), a comma list, or 'auto': pow2 on a GPU; on the CPU "
+        "every batch runs at its own size, unpadded (CPU kernels need no warm-up per shape, and "
+        "padding only adds compute), with the pow2 sizes warmed up",
     )
     batch_trimming: bool = _opt(
         False,
         "run a smaller batch bucket full, leaving the rest queued, instead of padding up to the "
         "next bucket when the shapes' measured costs say it carries a fifth more items per second "
-        "(opt-in: measured gains and losses, docs/performance.md)",
+        "(only where batches are padded: a GPU, or an explicit --batch-buckets; opt-in: measured "
+        "gains and losses, docs/performance.md)",
     )
     text_length_buckets: str = _opt(
         "8,16,32,77",
@@ -291,7 +294,7 @@ class ServerSettings:
 def parse_buckets(spec: str, max_batch_size: int) -> tuple[int, ...]:
     """Batch buckets from 'pow2', 'all' or '1,4,16'; always ends with max_batch_size."""
     spec = spec.strip().lower()
-    if spec == "pow2":
+    if spec in ("pow2", "auto"):
         sizes = {1 << i for i in range(max_batch_size.bit_length()) if 1 << i <= max_batch_size}
     elif spec == "all":
         sizes = set(range(1, max_batch_size + 1))
@@ -305,6 +308,11 @@ def parse_buckets(spec: str, max_batch_size: int) -> tuple[int, ...]:
         sizes = {s for s in sizes if s < max_batch_size}
     sizes.add(max_batch_size)
     return tuple(sorted(sizes))
+
+
+def pads_batches(spec: str, provider: str) -> bool:
+    """Whether batches are padded up to a bucket: always, except 'auto' on the CPU provider."""
+    return not (spec.strip().lower() == "auto" and provider == "CPUExecutionProvider")
 
 
 def parse_length_buckets(spec: str, context_length: int) -> tuple[int, ...]:

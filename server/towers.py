@@ -2,9 +2,12 @@
 
 They run on the batchers' inference threads. Padding to a bounded set of shapes (batch buckets,
 and token-length buckets for text) keeps the engine on shapes it has already run once, which is
-what warm-up relies on. With batch trimming on, each runner times its batches (warm-up
-included) for its `BatchPlanner`, which tells the batcher when a smaller full bucket beats
-padding.
+what warm-up relies on where a shape's first run costs more (cuDNN's algorithm search, CUDA
+graph capture, TensorRT profiles). On the CPU a new batch size costs no more than a known one,
+so with ``pad=False`` a batch runs at its own size and warm-up runs the buckets only to size the
+buffers; the text tower still pads to its token-length buckets. With batch trimming on, each
+runner times its batches (warm-up included) for its `BatchPlanner`, which tells the batcher when
+a smaller full bucket beats padding.
 """
 
 from __future__ import annotations
@@ -26,18 +29,19 @@ class VisionRunner:
 
     def __init__(
         self, tower: OnnxTower, image_size: int, batch_buckets: Sequence[int],
-        planner: BatchPlanner | None = None,
+        planner: BatchPlanner | None = None, *, pad: bool = True,
     ) -> None:
         self.tower = tower
         self.image_size = image_size
         self.batch_buckets = tuple(batch_buckets)
         self.planner = planner
+        self.pad = pad
 
     def __call__(self, values: list[np.ndarray], _group: Hashable = None) -> list[np.ndarray]:
         started = time.perf_counter()
         n = len(values)
         s = self.image_size
-        rows = bucket_for(n, self.batch_buckets)
+        rows = bucket_for(n, self.batch_buckets) if self.pad else n
         # [n, 3, S, S] stacked straight into the bucket's reusable buffer [bucket, 3, S, S]
         batch = self.tower.batch_buffer((rows, 3, s, s), np.float32)
         np.stack(values, out=batch[:n])
@@ -55,8 +59,10 @@ class VisionRunner:
     def warm_up(self) -> int:
         """Run every batch bucket once; return the number of shapes run."""
         s = self.image_size
-        for size in self.batch_buckets:
-            _warm(self.tower, np.zeros((size, 3, s, s), dtype=np.float32), self.planner, None)
+        for size in self.batch_buckets:  # through the batch buffers, which this sizes
+            batch = self.tower.batch_buffer((size, 3, s, s), np.float32)
+            batch.fill(0.0)
+            _warm(self.tower, batch, self.planner, None)
         return len(self.batch_buckets)
 
 
@@ -74,6 +80,8 @@ class TextRunner:
         pad_id: int = 0,
         eot_id: int = 49407,
         planner: BatchPlanner | None = None,
+        *,
+        pad: bool = True,
     ) -> None:
         self.tower = tower
         self.batch_buckets = tuple(batch_buckets)
@@ -81,6 +89,7 @@ class TextRunner:
         self.pad_id = pad_id
         self.eot_id = eot_id
         self.planner = planner
+        self.pad = pad
 
     def group_of(self, ids: np.ndarray) -> int:
         return bucket_for(len(ids), self.length_buckets)
@@ -89,8 +98,8 @@ class TextRunner:
         started = time.perf_counter()
         n = len(values)
         length = int(group) if group is not None else max(len(v) for v in values)  # type: ignore[call-overload]
-        rows = bucket_for(n, self.batch_buckets)
-        # [bucket, length] int64, pad id after each text's end-of-text token
+        rows = bucket_for(n, self.batch_buckets) if self.pad else n
+        # [rows, length] int64, pad id after each text's end-of-text token
         batch = self.tower.batch_buffer((rows, length), np.int64)
         batch.fill(self.pad_id)
         for row, ids in enumerate(values):
@@ -109,7 +118,8 @@ class TextRunner:
         """Run every (batch bucket, length bucket) shape once; return the number run."""
         for length in self.length_buckets:
             for size in self.batch_buckets:
-                ids = np.full((size, length), self.pad_id, dtype=np.int64)
+                ids = self.tower.batch_buffer((size, length), np.int64)
+                ids.fill(self.pad_id)
                 ids[:, -1] = self.eot_id
                 _warm(self.tower, ids, self.planner, length)
         return len(self.length_buckets) * len(self.batch_buckets)

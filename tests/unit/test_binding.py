@@ -95,6 +95,49 @@ def test_vision_runner_stacks_into_a_reused_padded_buffer(model_path: Path) -> N
     assert runner.warm_up() == 3
 
 
+def test_unpadded_runners_run_each_batch_at_its_own_size_in_one_buffer(
+    model_path: Path,
+) -> None:
+    from clipserve.server.towers import TextRunner
+
+    tower = OnnxTower("vision", model_path, "pixel_values", "image_embeds",
+                      EngineOptions(intra_op_threads=1))
+    shapes: list[tuple[int, ...]] = []
+    real_run = tower.run
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        shapes.append(batch.shape)
+        return real_run(batch)
+
+    tower.run = run  # type: ignore[method-assign]
+    runner = VisionRunner(tower, 4, (1, 2, 4, 8), pad=False)
+    assert runner.warm_up() == 4
+    rng = np.random.default_rng(2)
+    images = [rng.standard_normal((3, 4, 4), dtype=np.float32) for _ in range(7)]
+    for n in (7, 3, 5):
+        np.testing.assert_allclose(np.stack(runner(images[:n])), reference(np.stack(images[:n])),
+                                   rtol=1e-5)
+    assert shapes == [(b, 3, 4, 4) for b in (1, 2, 4, 8, 7, 3, 5)]
+    # every size is a view of the one buffer that warm-up grew to the largest bucket
+    assert np.shares_memory(tower.batch_buffer((3, 3, 4, 4), np.float32),
+                            tower.batch_buffer((8, 3, 4, 4), np.float32))
+    assert len(tower._buffers) == 1
+    text = RecordingTower()
+    runner_t = TextRunner(text, (1, 16), (8, 77), pad=False)  # type: ignore[arg-type]
+    runner_t([np.array([1, 2, 3])] * 5, 8)
+    assert text.shapes == [(5, 8)]  # unpadded rows, still the length bucket
+
+
+def test_auto_buckets_pad_only_off_the_cpu() -> None:
+    from clipserve.server.settings import pads_batches
+
+    assert not pads_batches("auto", "CPUExecutionProvider")
+    assert pads_batches("auto", "CUDAExecutionProvider")
+    assert pads_batches("auto", "TensorrtExecutionProvider")
+    assert pads_batches("pow2", "CPUExecutionProvider")
+    assert pads_batches("1,8", "CPUExecutionProvider")
+
+
 def test_cuda_and_tensorrt_provider_options() -> None:
     options = EngineOptions(gpu_mem_limit_mb=512, cudnn_conv_algo_search="EXHAUSTIVE",
                             cuda_graphs=True)

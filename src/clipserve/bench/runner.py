@@ -215,33 +215,42 @@ def engine_fraction(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InP
     for bucket in buckets:  # [n, 3, S, S]
         batch = rng.standard_normal((bucket, 3, size, size), dtype=np.float32)
         by_size[bucket] = (batch, engine_sample(tower.run, batch, window).stats().items_per_s)
-    best = max(by_size, key=lambda b: by_size[b][1])
-    log.info("engine items/s by batch size: %s; best %d",
-             {b: round(v[1], 1) for b, v in by_size.items()}, best)
-    batch = by_size[best][0]
+    # The sweep's short windows are noisy (one or two calls per size on a slow model): its two
+    # leading sizes are both measured in the interleaved rounds, and the better one is the limit.
+    leading = sorted(by_size, key=lambda b: by_size[b][1], reverse=True)[:2]
+    log.info("engine items/s by batch size: %s; measuring %s side by side",
+             {b: round(v[1], 1) for b, v in by_size.items()}, leading)
 
     def served_by(target: InProcessServer) -> Callable[[], Sample]:
         return lambda: load_point(lg, target.address, "tensor", clients, seconds=plan.seconds,
                                   warmup_s=plan.warmup_s, image_size=size, server=target)
 
-    # a second server with batch trimming (opt-in), for what it would change
-    with InProcessServer(root, batch_trimming=True, **plan.server_overrides()) as trimming:
+    # a second server that pads every batch up to a power of two (the GPU default), for what
+    # running each batch at its own size (the CPU default) changes
+    with InProcessServer(root, batch_buckets="pow2", **plan.server_overrides()) as padding:
         taken = interleave(plan.rounds, {
-            "engine": lambda: engine_sample(tower.run, batch, plan.seconds),
+            **{f"engine {b}": (lambda b=b: engine_sample(tower.run, by_size[b][0], plan.seconds))
+               for b in leading},
             "served": served_by(server),
-            "trimming": served_by(trimming),
+            "padded": served_by(padding),
         })
-    engine = outcome.point(model, f"raw ORT session, batch {best}", "tensor", 1, taken["engine"])
+    engines = {b: taken[f"engine {b}"].stats().items_per_s for b in leading}
+    best = max(engines, key=lambda b: engines[b])
+    for b in leading:
+        if b != best:
+            outcome.point(model, f"raw ORT session, batch {b}", "tensor", 1, taken[f"engine {b}"])
+    engine = outcome.point(model, f"raw ORT session, batch {best}", "tensor", 1,
+                           taken[f"engine {best}"])
     served = outcome.point(model, "clipserve", "tensor", clients, taken["served"])
-    trimmed = outcome.point(model, "clipserve, batch trimming on", "tensor", clients,
-                            taken["trimming"])
+    padded = outcome.point(model, "clipserve, --batch-buckets pow2", "tensor", clients,
+                           taken["padded"])
     outcome.extra["engine_by_batch"] = {str(b): v[1] for b, v in by_size.items()}
     outcome.targets.append(result(
         "engine_fraction", ratio(served["items_per_s"], engine["items_per_s"]),
         f"{model}: served {served['items_per_s']:.1f} items/s at {clients} clients (mean batch "
         f"{served['mean_batch'] or 0:.1f}) vs raw session {engine['items_per_s']:.1f} items/s at "
-        f"batch {best}; with batch trimming {trimmed['items_per_s']:.1f} items/s (mean batch "
-        f"{trimmed['mean_batch'] or 0:.1f})",
+        f"batch {best}; padded to powers of two {padded['items_per_s']:.1f} items/s (mean batch "
+        f"{padded['mean_batch'] or 0:.1f})",
     ))
 
 
