@@ -6,7 +6,13 @@ graphs), then images/s through gRPC (tensors and JPEGs, several load-generator p
 texts/s, and the GPU memory in use after each step. Prints one line per figure and writes
 everything to a JSON file.
 
-    python benchmarks/gpu_check.py --fp32 REPO --fp16 REPO [--device cuda] [--out FILE]
+With ``--fp16-attention REPO`` (the fp16 export at ``--opset 23``, whose attention is one ONNX
+``Attention`` node per layer, which ONNX Runtime's CUDA provider runs with flash attention),
+also: which execution provider ran each kind of node of it, its parity against fp32, and its
+raw-session images/s next to the default export's.
+
+    python benchmarks/gpu_check.py --fp32 REPO --fp16 REPO [--fp16-attention REPO]
+                                   [--device cuda] [--out FILE]
 """
 
 from __future__ import annotations
@@ -62,15 +68,40 @@ def tower(repo: Path, device: Device, **options: Any) -> OnnxTower:
                      manifest.vision.output, EngineOptions(device=device, **options))
 
 
-def parity(fp32: Path, fp16: Path, device: Device) -> None:
+def parity(fp32: Path, fp16: Path, device: Device, name: str = "fp16") -> None:
     rng = np.random.default_rng(0)
     batch = rng.standard_normal((16, 3, 224, 224), dtype=np.float32)  # [16, 3, S, S]
     a = tower(fp32, device, io_binding=False).run(batch)
     b = tower(fp16, device, io_binding=False).run(batch)
     cosine = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    say("fp16_vs_fp32_min_cosine", float(cosine.min()),
-        f"fp16 vs fp32 vision embeddings on {device.value}: min cosine {cosine.min():.6f} "
+    say(f"{name}_vs_fp32_min_cosine", float(cosine.min()),
+        f"{name} vs fp32 vision embeddings on {device.value}: min cosine {cosine.min():.6f} "
         f"(16 images; the export gate is 0.999 against PyTorch)")
+
+
+def placement(name: str, repo: Path, device: Device) -> None:
+    """Which execution provider ran each kind of node of the vision tower (ONNX Runtime's
+    profile of one batch of 8): a node the CUDA provider does not take runs on the CPU."""
+    manifest = load_manifest(repo)
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(os.environ.get("WORK", "/tmp")) / f"profile-{name}")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device is Device.CUDA \
+        else ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(repo / manifest.vision.file), options, providers=providers)
+    size = manifest.preprocess.size
+    session.run(None, {manifest.vision.input: np.zeros((8, 3, size, size), np.float32)})
+    events = json.loads(Path(session.end_profiling()).read_text())
+    by_provider: dict[str, dict[str, int]] = {}
+    for event in events:
+        args = event.get("args", {})
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            ops = by_provider.setdefault(args.get("provider", "?"), {})
+            ops[args.get("op_name", "?")] = ops.get(args.get("op_name", "?"), 0) + 1
+    say(f"placement/{name}", by_provider,
+        f"{name} vision nodes by provider (one run): " + "; ".join(
+            f"{provider}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items()))
+            for provider, ops in by_provider.items()))
 
 
 def raw_sessions(name: str, repo: Path, device: Device, buckets: list[int],
@@ -163,6 +194,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fp32", type=Path, required=True)
     parser.add_argument("--fp16", type=Path, required=True)
+    parser.add_argument("--fp16-attention", type=Path, default=None,
+                        help="fp16 export at --opset 23 (ONNX Attention nodes), measured beside")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--buckets", default="1,8,16,32,64,128")
     parser.add_argument("--seconds", type=float, default=2.0)
@@ -187,6 +220,15 @@ def main() -> None:
         )),
         ("raw fp32", lambda: raw_sessions("fp32", args.fp32, device, buckets[:4], args.seconds)),
     ]
+    if args.fp16_attention is not None:
+        attention = args.fp16_attention
+        steps[2:2] = [
+            ("placement fp16-attention", lambda: placement("fp16-attention", attention, device)),
+            ("parity fp16-attention", lambda: parity(args.fp32, attention, device,
+                                                     "fp16-attention")),
+            ("raw fp16-attention", lambda: raw_sessions("fp16-attention", attention, device,
+                                                        buckets, args.seconds)),
+        ]
     for name, step in steps:
         try:
             step()

@@ -3,11 +3,13 @@
 #   1. installs what the GPU machine lacks from what benchmarks/gpu_wheels.sh put in $WHEELS
 #      (no package index there): onnxruntime-gpu (CUDA 13 build, pruned to one architecture)
 #      and the server's small dependencies; checks that ONNX Runtime runs on the GPU;
-#   2. exports ViT-L-14 --pretrained none twice, fp32 and fp16 (in parallel; each export gates
-#      its own parity against PyTorch: cosine >= 0.99999 fp32, >= 0.999 fp16);
+#   2. exports ViT-L-14 --pretrained none three times, fp32, fp16, and fp16 at --opset 23 (ONNX
+#      Attention nodes) (in parallel; each export gates its own parity against PyTorch:
+#      cosine >= 0.99999 fp32, >= 0.999 fp16);
 #   3. runs benchmarks/gpu_check.py: fp16 vs fp32 parity on the GPU, images/s of the raw
-#      session at each batch bucket (session.run, I/O binding, CUDA graphs), images/s through
-#      gRPC (tensors and JPEGs), texts/s, GPU memory.
+#      session at each batch bucket (session.run, I/O binding, CUDA graphs; the opset-23
+#      export beside, with the provider of each kind of node), images/s through gRPC (tensors
+#      and JPEGs), texts/s, GPU memory.
 #
 # Prepare on a machine with PyPI (bash benchmarks/gpu_wheels.sh), then run from the
 # repository root:  bash benchmarks/gpu_check.sh   (results: $OUT/gpu_check.json, log on stdout)
@@ -80,14 +82,17 @@ if sys.argv[1] == "cuda":  # a one-operator model on the GPU: fail here, not aft
 PY
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 
-# -- 2. export fp32 and fp16 side by side -----------------------------------------------------
+# -- 2. export fp32, fp16 and fp16 at opset 23 side by side ---------------------------------
 exports=()
-for precision in fp32 fp16; do
-  repo="$WORK/$MODEL-$precision"
+for variant in fp32 fp16 fp16-opset23; do
+  repo="$WORK/$MODEL-$variant"
+  opset=18
+  [ "$variant" = fp16-opset23 ] && opset=23
   if [ ! -f "$repo/clipserve.json" ]; then
-    say "exporting $MODEL $precision"
+    say "exporting $MODEL $variant"
     "$PY" -m clipserve --log-level WARNING export --model "$MODEL" --pretrained none \
-      --precision "$precision" --output "$repo" --force > "$WORK/export-$precision.log" 2>&1 &
+      --precision "${variant%%-*}" --opset "$opset" --output "$repo" --force \
+      > "$WORK/export-$variant.log" 2>&1 &
     exports+=($!)
   fi
 done
@@ -95,15 +100,16 @@ for pid in "${exports[@]}"; do
   wait "$pid" || { tail -n 30 "$WORK"/export-*.log; exit 1; }
 done
 say "exports done"
-for precision in fp32 fp16; do
+for variant in fp32 fp16 fp16-opset23; do
   "$PY" -c "import json,sys; m=json.load(open(sys.argv[1])); print(sys.argv[2], 'parity', json.dumps(m.get('parity', {}))[:400])" \
-    "$WORK/$MODEL-$precision/clipserve.json" "$precision"
+    "$WORK/$MODEL-$variant/clipserve.json" "$variant"
 done
 
 # -- 3. measure ---------------------------------------------------------------------------------
 BUCKETS=${BUCKETS:-1,8,16,32,64,128}
 SECONDS_PER_POINT=${SECONDS_PER_POINT:-2}
-"$PY" benchmarks/gpu_check.py --fp32 "$WORK/$MODEL-fp32" --fp16 "$WORK/$MODEL-fp16" \
+WORK="$WORK" "$PY" benchmarks/gpu_check.py --fp32 "$WORK/$MODEL-fp32" --fp16 "$WORK/$MODEL-fp16" \
+  --fp16-attention "$WORK/$MODEL-fp16-opset23" \
   --device "$DEVICE" --buckets "$BUCKETS" --seconds "$SECONDS_PER_POINT" \
   --processes "${PROCESSES:-6}" --out "$RESULTS/gpu_check.json"
 say "done"
