@@ -31,7 +31,7 @@ from clipserve.server.access_log import AccessLogInterceptor
 from clipserve.server.auth import BearerAuthInterceptor, interceptors_for
 from clipserve.server.batch_plan import BatchPlanner
 from clipserve.server.batcher import BatcherConfig, DynamicBatcher
-from clipserve.server.engine import EngineOptions, OnnxTower, usable_cores
+from clipserve.server.engine import EngineOptions, OnnxTower, lower_thread_priority, usable_cores
 from clipserve.server.grpc_errors import ErrorInterceptor
 from clipserve.server.grpc_service import ClipServicer, model_info
 from clipserve.server.label_cache import LabelCache
@@ -158,7 +158,8 @@ class ClipServer:
         tokenizer = ClipTokenizer.from_repository(root, manifest.tokenizer)
         preprocessor = ImagePreprocessor(manifest.preprocess, max_image_pixels=s.max_image_pixels)
         self._pool = ThreadPoolExecutor(
-            max_workers=s.preprocess_workers or usable_cores(), thread_name_prefix="preprocess"
+            max_workers=s.preprocess_workers or usable_cores(), thread_name_prefix="preprocess",
+            initializer=lower_thread_priority, initargs=(s.preprocess_nice,),
         )
 
         vision_buckets = parse_buckets(s.batch_buckets, s.vision_max_batch_size)

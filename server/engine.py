@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,20 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def lower_thread_priority(niceness: int) -> None:
+    """Add `niceness` to the calling thread's (Linux threads have their own; elsewhere the call
+    would reach the whole process, so nothing is done). A pool's thread initializer."""
+    if niceness <= 0 or sys.platform != "linux":
+        return
+    try:
+        tid = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, current + niceness))
+    except OSError as exc:  # e.g. a seccomp profile that refuses it: keep serving
+        log.warning("cannot lower the priority of thread %s: %s", threading.current_thread().name,
+                    exc)
 
 
 @dataclass(frozen=True)

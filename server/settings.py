@@ -60,6 +60,12 @@ class ServerSettings:
     preprocess_workers: int = _opt(
         0, "threads decoding and resizing images (0: every core this process may use)"
     )
+    preprocess_nice: int = _opt(
+        10,
+        "Linux: niceness added to the preprocessing threads, so that under contention the "
+        "inference threads and the event loop run first and image decoding fills the gaps "
+        "(0 leaves them at the server's priority; 0-19)",
+    )
     intra_op_spinning: bool = _opt(
         False,
         "let ONNX Runtime threads busy-wait for work between operators (faster only on cores "
@@ -265,6 +271,8 @@ class ServerSettings:
                 f"max_queue_size ({self.max_queue_size}): such a request could never be queued"
             )
         parse_buckets(self.batch_buckets, self.vision_max_batch_size)
+        if not 0 <= self.preprocess_nice <= 19:
+            raise ValueError(f"preprocess_nice must be 0 to 19, got {self.preprocess_nice}")
         if self.cudnn_conv_algo_search.lower() not in ("heuristic", "exhaustive", "default"):
             raise ValueError(
                 "cudnn_conv_algo_search must be heuristic, exhaustive or default, got "

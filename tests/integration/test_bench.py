@@ -58,3 +58,26 @@ def test_quick_bench_writes_table_json_and_plot(tiny_repository: Path, tmp_path:
     assert "measured / target" in text
     assert (output / "throughput.png").stat().st_size > 1000
     print(f"quick bench took {elapsed:.1f}s")
+
+
+def test_ab_servers_compares_two_settings_side_by_side(tiny_repository: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "ab_servers.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--repository", str(tiny_repository),
+         "--scenario", "text_short", "--clients", "4", "--seconds", "0.3", "--rounds", "2",
+         "--a", "--text-max-batch-size 1", "--b", ""],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    lines = done.stdout.splitlines()
+    assert lines[0] == "A: {'text_max_batch_size': 1}"
+    assert lines[1] == "B: defaults"
+    rounds = [line for line in lines if line.startswith("round ")]
+    assert [line.split(":")[0] for line in rounds] == ["round 1 A", "round 1 B", "round 2 A",
+                                                        "round 2 B"]
+    assert all("errors 0" in line for line in rounds)
+    assert "(mean batch 1.0," in rounds[0]  # server A really runs with its own settings
+    assert lines[-1].startswith("B / A: ")
+    assert lines[-1].endswith("(text_short, 4 clients)")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -241,3 +244,20 @@ def test_warm_up_runs_every_batch_and_length_bucket(runs: int) -> None:
     assert VisionRunner(timed, 8, (1, 2, 4), planner).warm_up() == 3  # type: ignore[arg-type]
     assert timed.shapes == [(b, 3, 8, 8) for b in (1, 2, 4) for _ in range(runs + 1)]
     assert all(planner.cost(None, b) is not None for b in (1, 2, 4))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+def test_preprocessing_threads_run_at_a_lower_priority() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from clipserve.server.engine import lower_thread_priority
+
+    def nice_of_this_thread() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(5,)) as pool:
+        assert pool.submit(nice_of_this_thread).result() == min(19, base + 5)
+    with ThreadPoolExecutor(1, initializer=lower_thread_priority, initargs=(0,)) as pool:
+        assert pool.submit(nice_of_this_thread).result() == base
+    assert nice_of_this_thread() == base  # the caller's own thread is untouched

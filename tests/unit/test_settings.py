@@ -65,6 +65,7 @@ def test_every_field_is_a_flag_and_an_environment_variable() -> None:
         ({"CLIPSERVE_MAX_ITEMS_PER_REQUEST": "5000"}, "must not exceed max_queue_size"),
         ({"CLIPSERVE_BATCH_BUCKETS": "1,x"}, "batch_buckets: cannot parse"),
         ({"CLIPSERVE_TEXT_LENGTH_BUCKETS": "1,8"}, "lengths must be >= 2"),
+        ({"CLIPSERVE_PREPROCESS_NICE": "25"}, "preprocess_nice must be 0 to 19"),
     ],
 )
 def test_invalid_values_name_the_setting(environ: dict[str, str], message: str) -> None:
