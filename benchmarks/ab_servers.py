@@ -22,7 +22,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from clipserve.bench.measure import Sample, load_point, merged
+from clipserve.bench.measure import Sample, interleave, load_point
 from clipserve.bench.payloads import SCENARIOS
 from clipserve.bench.servers import InProcessServer, LoadGenerator
 from clipserve.server.settings import ServerSettings, add_arguments, from_sources
@@ -60,22 +60,25 @@ def main() -> None:
     servers = {name: InProcessServer(args.repository, **changed).start()
                for name, changed in systems.items()}
     loadgen = LoadGenerator()
-    taken: dict[str, list[Sample]] = {name: [] for name in servers}
+    rounds = dict.fromkeys(servers, 0)
+
+    def measure(name: str) -> Sample:
+        sample = load_point(loadgen, servers[name].address, args.scenario, args.clients,
+                            seconds=args.seconds, warmup_s=1.0, server=servers[name])
+        rounds[name] += 1
+        stats = sample.stats()
+        print(f"round {rounds[name]} {name}: {stats.items_per_s:8.2f} items/s "
+              f"(mean batch {stats.mean_batch or 0:.1f}, errors {stats.errors})", flush=True)
+        return sample
+
     try:
-        for round_ in range(1, args.rounds + 1):
-            for name, server in servers.items():
-                sample = load_point(loadgen, server.address, args.scenario, args.clients,
-                                    seconds=args.seconds, warmup_s=1.0, server=server)
-                taken[name].append(sample)
-                stats = sample.stats()
-                print(f"round {round_} {name}: {stats.items_per_s:8.2f} items/s "
-                      f"(mean batch {stats.mean_batch or 0:.1f}, errors {stats.errors})",
-                      flush=True)
+        taken = interleave(args.rounds, {name: (lambda name=name: measure(name))
+                                         for name in servers})
     finally:
         loadgen.close()
         for server in servers.values():
             server.stop()
-    total = {name: merged(samples).stats() for name, samples in taken.items()}
+    total = {name: sample.stats() for name, sample in taken.items()}
     for name, stats in total.items():
         print(f"{name}: {stats.items_per_s:.2f} items/s, p50 {stats.p50_ms:.1f} ms, "
               f"p99 {stats.p99_ms:.1f} ms over {args.rounds} rounds")

@@ -7,7 +7,7 @@ texts/s, and the GPU memory in use after each step. Prints one line per figure a
 everything to a JSON file.
 
 With ``--fp16-attention REPO`` (the fp16 export at ``--opset 23``, whose attention is one ONNX
-``Attention`` node per layer, which ONNX Runtime's CUDA provider runs with flash attention),
+``Attention`` node per layer, which recent CUDA providers can run with flash attention),
 also: which execution provider ran each kind of node of it, its parity against fp32, and its
 raw-session images/s next to the default export's.
 
@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import subprocess
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +39,7 @@ import onnxruntime as ort
 from clipserve.bench.measure import Sample, engine_sample, load_point, merged
 from clipserve.bench.servers import InProcessServer, LoadGenerator
 from clipserve.repository import load_manifest
-from clipserve.server.engine import EngineOptions, OnnxTower
+from clipserve.server.engine import EngineOptions, OnnxTower, choose_providers
 from clipserve.server.settings import Device
 
 log = logging.getLogger("gpu_check")
@@ -85,10 +86,9 @@ def placement(name: str, repo: Path, device: Device) -> None:
     manifest = load_manifest(repo)
     options = ort.SessionOptions()
     options.enable_profiling = True
-    options.profile_file_prefix = str(Path(os.environ.get("WORK", "/tmp")) / f"profile-{name}")
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device is Device.CUDA \
-        else ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(repo / manifest.vision.file), options, providers=providers)
+    options.profile_file_prefix = str(Path(tempfile.mkdtemp()) / f"profile-{name}")
+    session = ort.InferenceSession(str(repo / manifest.vision.file), options,
+                                   providers=choose_providers(device))
     size = manifest.preprocess.size
     session.run(None, {manifest.vision.input: np.zeros((8, 3, size, size), np.float32)})
     events = json.loads(Path(session.end_profiling()).read_text())

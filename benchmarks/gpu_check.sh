@@ -108,7 +108,7 @@ done
 # -- 3. measure ---------------------------------------------------------------------------------
 BUCKETS=${BUCKETS:-1,8,16,32,64,128}
 SECONDS_PER_POINT=${SECONDS_PER_POINT:-2}
-WORK="$WORK" "$PY" benchmarks/gpu_check.py --fp32 "$WORK/$MODEL-fp32" --fp16 "$WORK/$MODEL-fp16" \
+"$PY" benchmarks/gpu_check.py --fp32 "$WORK/$MODEL-fp32" --fp16 "$WORK/$MODEL-fp16" \
   --fp16-attention "$WORK/$MODEL-fp16-opset23" \
   --device "$DEVICE" --buckets "$BUCKETS" --seconds "$SECONDS_PER_POINT" \
   --processes "${PROCESSES:-6}" --out "$RESULTS/gpu_check.json"

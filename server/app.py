@@ -31,7 +31,13 @@ from clipserve.server.access_log import AccessLogInterceptor
 from clipserve.server.auth import BearerAuthInterceptor, interceptors_for
 from clipserve.server.batch_plan import BatchPlanner
 from clipserve.server.batcher import BatcherConfig, DynamicBatcher
-from clipserve.server.engine import EngineOptions, OnnxTower, lower_thread_priority, usable_cores
+from clipserve.server.engine import (
+    EngineOptions,
+    OnnxTower,
+    lower_thread_priority,
+    pads_batches,
+    usable_cores,
+)
 from clipserve.server.grpc_errors import ErrorInterceptor
 from clipserve.server.grpc_service import ClipServicer, model_info
 from clipserve.server.label_cache import LabelCache
@@ -41,7 +47,6 @@ from clipserve.server.preprocess import ImagePreprocessor
 from clipserve.server.settings import (
     ConfigError,
     ServerSettings,
-    pads_batches,
     parse_buckets,
     parse_length_buckets,
 )
@@ -218,10 +223,12 @@ class ClipServer:
         )
         self.supervisor.watch("vision", vision_batcher, vision_runner.rebuild)
         self.supervisor.watch("text", text_batcher, text_runner.rebuild)
-        if not pad:  # every size runs as it comes
-            vision_buckets = tuple(range(1, s.vision_max_batch_size + 1))
-            text_buckets = tuple(range(1, s.text_max_batch_size + 1))
-        info = model_info(self.model, vision.provider, vision_buckets, text_buckets, length_buckets)
+        info = model_info(  # unpadded, every size up to the maximum runs as it comes
+            self.model, vision.provider,
+            vision_buckets if pad else tuple(range(1, s.vision_max_batch_size + 1)),
+            text_buckets if pad else tuple(range(1, s.text_max_batch_size + 1)),
+            length_buckets,
+        )
         triton_models = build_models(self.model)
         statistics = TritonStatistics(
             triton_models,

@@ -284,6 +284,12 @@ class OnnxTower:
         return out
 
 
+def pads_batches(spec: str, provider: str) -> bool:
+    """Whether batches are padded up to a bucket: always, except `--batch-buckets auto` on the
+    CPU provider, where a new batch size costs no more than a known one."""
+    return not (spec.strip().lower() == "auto" and provider == CPU)
+
+
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
     """Smallest bucket >= n (buckets sorted ascending, the last one the maximum)."""
     for size in buckets:

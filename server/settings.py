@@ -318,11 +318,6 @@ def parse_buckets(spec: str, max_batch_size: int) -> tuple[int, ...]:
     return tuple(sorted(sizes))
 
 
-def pads_batches(spec: str, provider: str) -> bool:
-    """Whether batches are padded up to a bucket: always, except 'auto' on the CPU provider."""
-    return not (spec.strip().lower() == "auto" and provider == "CPUExecutionProvider")
-
-
 def parse_length_buckets(spec: str, context_length: int) -> tuple[int, ...]:
     """Token-length buckets, capped at and always ending with the context length."""
     try:

@@ -132,7 +132,7 @@ def test_unpadded_runners_run_each_batch_at_its_own_size_in_one_buffer(
 
 
 def test_auto_buckets_pad_only_off_the_cpu() -> None:
-    from clipserve.server.settings import pads_batches
+    from clipserve.server.engine import pads_batches
 
     assert not pads_batches("auto", "CPUExecutionProvider")
     assert pads_batches("auto", "CUDAExecutionProvider")

@@ -234,13 +234,10 @@ def engine_fraction(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InP
             "served": served_by(server),
             "padded": served_by(padding),
         })
-    engines = {b: taken[f"engine {b}"].stats().items_per_s for b in leading}
-    best = max(engines, key=lambda b: engines[b])
-    for b in leading:
-        if b != best:
-            outcome.point(model, f"raw ORT session, batch {b}", "tensor", 1, taken[f"engine {b}"])
-    engine = outcome.point(model, f"raw ORT session, batch {best}", "tensor", 1,
-                           taken[f"engine {best}"])
+    raw = {b: outcome.point(model, f"raw ORT session, batch {b}", "tensor", 1,
+                            taken[f"engine {b}"]) for b in leading}
+    best = max(raw, key=lambda b: raw[b]["items_per_s"])
+    engine = raw[best]
     served = outcome.point(model, "clipserve", "tensor", clients, taken["served"])
     padded = outcome.point(model, "clipserve, --batch-buckets pow2", "tensor", clients,
                            taken["padded"])
