@@ -9,7 +9,9 @@ then both servers' merged figures and the ratio B / A.
         --scenario jpeg_1920x1080 --clients 16 --seconds 20 --rounds 3 \\
         --a "--preprocess-nice 0" --b ""
 
---a and --b take `clipserve serve` flags (quoted, one string each; "" is the defaults).
+--a and --b take `clipserve serve` flags (quoted, one string each; "" is the defaults). A
+lone flag without a value needs the = form, or argparse reads it as an option of this script:
+``--a=--no-adaptive-queue-delay``.
 Scenarios are the bench's: jpeg_640x480, jpeg_1920x1080, tensor, text_short, text_77,
 classify_1000.
 """
@@ -51,8 +53,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients")
     parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds a round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--a", default="", help="`clipserve serve` flags of server A")
-    parser.add_argument("--b", default="", help="`clipserve serve` flags of server B")
+    parser.add_argument(
+        "--a", default="", help="`clipserve serve` flags of server A (a lone flag: --a=--flag)"
+    )
+    parser.add_argument(
+        "--b", default="", help="`clipserve serve` flags of server B (a lone flag: --b=--flag)"
+    )
     args = parser.parse_args()
     systems = {"A": overrides(args.a), "B": overrides(args.b)}
     for name, changed in systems.items():

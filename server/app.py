@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from clipserve.repository import Manifest, RepositoryError, load_manifest
 from clipserve.server.access_log import AccessLogInterceptor
+from clipserve.server.arrivals import Arrivals
 from clipserve.server.auth import BearerAuthInterceptor, interceptors_for
 from clipserve.server.batch_plan import BatchPlanner
 from clipserve.server.batcher import BatcherConfig, DynamicBatcher
@@ -196,13 +197,18 @@ class ClipServer:
                 queue_timeout_s=s.queue_timeout_ms / 1000,
             )
 
+        def arrivals() -> Arrivals | None:  # one per batcher: each tower's own traffic
+            return Arrivals(s.max_queue_delay_s) if s.adaptive_queue_delay else None
+
         vision_batcher: DynamicBatcher = DynamicBatcher(
             "vision", vision_runner, policy(s.vision_max_batch_size),
             size_for=vision_runner.planner.size_for if vision_runner.planner else None,
+            arrivals=arrivals(),
         )
         text_batcher: DynamicBatcher = DynamicBatcher(
             "text", text_runner, policy(s.text_max_batch_size), group_of=text_runner.group_of,
             size_for=text_runner.planner.size_for if text_runner.planner else None,
+            arrivals=arrivals(),
         )
         self.model = ClipModel(
             manifest,

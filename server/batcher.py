@@ -5,6 +5,9 @@ Contract:
   bounded queue cannot take them) and returns one future per item.
 - One task owns the queue. A batch is flushed when it reaches `max_batch_size` or when the
   oldest queued item has waited `max_queue_delay`; waiting is event-driven (no polling).
+  Given `arrivals`, a batch does not wait at all while fewer than `ACCOMPANIED_SHARE` of
+  recent requests arrived within the window (the delay) of the one before: a lone client then
+  gets its answer without the delay, and clients that arrive together are still batched.
 - Items carry a group key (e.g. a text-length bucket); a batch holds items of one group, the
   group of the oldest item, so a batch costs what its members need.
 - `size_for(group, n)` (optional, `BatchPlanner.size_for`) may run fewer than the `n` items of
@@ -37,6 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from clipserve.server.arrivals import Arrivals
 from clipserve.server.errors import (
     ClipServeError,
     DeadlineExpired,
@@ -53,6 +57,10 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 BatchFn = Callable[[list[T], Hashable], Sequence[R]]
+
+#: Given `Arrivals`, a batch waits for company only while at least this share of recent
+#: requests arrived within the window (the queue delay) of the request before.
+ACCOMPANIED_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,7 @@ class DynamicBatcher(Generic[T, R]):
         *,
         group_of: Callable[[T], Hashable] | None = None,
         size_for: Callable[[Hashable, int], int] | None = None,
+        arrivals: Arrivals | None = None,
     ) -> None:
         self.name = name
         self.config = config
@@ -130,6 +139,7 @@ class DynamicBatcher(Generic[T, R]):
         self._queues: dict[Hashable, deque[_Item[T]]] = {}
         self._queued = 0
         self._arrived = asyncio.Event()
+        self._arrivals = arrivals
         self._idle = asyncio.Event()  # set whenever nothing is queued or running
         self._slots = asyncio.Semaphore(2)  # one batch running + one prefetched
         self._computing = 0  # batches handed to the inference thread and not finished
@@ -219,6 +229,8 @@ class DynamicBatcher(Generic[T, R]):
             self._queues.setdefault(item.group, deque()).append(item)
             futures.append(item.future)
         self._queued += len(values)
+        if self._arrivals is not None:
+            self._arrivals.add(now)
         self._arrived.set()
         return futures
 
@@ -276,12 +288,16 @@ class DynamicBatcher(Generic[T, R]):
         flush_at = queue[0].enqueued + self.config.max_queue_delay_s
         while len(queue) < self.config.max_batch_size:
             remaining = flush_at - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self._alone():
                 break
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), remaining)
         return self._take(queue)
+
+    def _alone(self) -> bool:
+        """Whether requests have lately been arriving alone, so that waiting would not pay."""
+        return self._arrivals is not None and self._arrivals.share < ACCOMPANIED_SHARE
 
     async def _top_up(self, batch: list[_Item[T]]) -> None:
         """While the engine is busy, add newly queued items of the batch's group to it.

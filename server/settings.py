@@ -115,6 +115,13 @@ class ServerSettings:
     max_queue_delay_us: int = _opt(
         2000, "how long the oldest queued item waits for a batch to fill (microseconds)"
     )
+    adaptive_queue_delay: bool = _opt(
+        True,
+        "skip --max-queue-delay-us while requests arrive alone: a batch waits for company only "
+        "while at least a quarter of the tower's recent requests came within the delay of the "
+        "one before (a lone client in a closed loop is not charged the delay; clients that "
+        "arrive together still share a batch); off: always wait the full delay, as Triton does",
+    )
     max_queue_size: int = _opt(
         2048,
         "items waiting for each tower (images being decoded included); beyond it requests fail "
