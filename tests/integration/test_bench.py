@@ -41,6 +41,10 @@ def test_quick_bench_writes_table_json_and_plot(tiny_repository: Path, tmp_path:
     systems = {p["system"] for p in document["points"]}
     assert "clipserve, batching off" in systems
     assert any(s.startswith("raw ORT session") for s in systems)
+    (ceiling,) = [p for p in document["points"] if "transport ceiling" in p["system"]]
+    assert ceiling["errors"] == 0
+    assert ceiling["items_per_s"] > 0
+    assert ceiling["mean_batch"] is None  # no batcher behind it
 
     targets = {t["key"]: t for t in document["targets"]}
     measured = ("engine_fraction", "batching_speedup", "length_buckets_speedup",

@@ -25,6 +25,7 @@ import numpy as np
 from clipserve.bench import payloads
 from clipserve.bench.measure import Sample, engine_sample, interleave, load_point, merged
 from clipserve.bench.servers import (
+    CannedServer,
     InProcessServer,
     LoadGenerator,
     SubprocessServer,
@@ -253,27 +254,46 @@ def engine_fraction(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InP
 
 def batching(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessServer,
              model: str, clients: int = 32) -> None:
-    """EncodeText short at `clients`: dynamic batching vs max batch size 1, interleaved."""
+    """EncodeText short at `clients`: dynamic batching vs max batch size 1, interleaved with
+    the transport's ceiling (`CannedServer`: grpc.aio answering without a model)."""
     off = InProcessServer(
         Path(server.settings.model_repository), vision_max_batch_size=1, text_max_batch_size=1,
         **plan.server_overrides(),
     ).start()
+    canned = CannedServer(one_answer(server.address, "text_short")).start()
     try:
         taken = interleave(plan.rounds, {
-            system: (lambda srv=srv: load_point(
+            system: (lambda srv=srv, log_=log_: load_point(
                 lg, srv.address, "text_short", clients, seconds=plan.seconds,
-                warmup_s=plan.warmup_s, server=srv))
-            for system, srv in (("on", server), ("off", off))
+                warmup_s=plan.warmup_s, server=log_))
+            for system, srv, log_ in (
+                ("on", server, server), ("off", off, off), ("ceiling", canned, None)
+            )
         })
     finally:
         off.stop()
+        canned.stop()
     on = outcome.point(model, "clipserve", "text_short", clients, taken["on"])
     no = outcome.point(model, "clipserve, batching off", "text_short", clients, taken["off"])
+    top = outcome.point(model, "grpc.aio, no model (transport ceiling)", "text_short", clients,
+                        taken["ceiling"])
     outcome.targets.append(result(
         "batching_speedup", ratio(on["items_per_s"], no["items_per_s"]),
         f"{model}: {on['items_per_s']:.0f} vs {no['items_per_s']:.0f} texts/s at {clients} "
-        f"clients (mean batch {on['mean_batch'] or 0:.1f} vs 1)",
+        f"clients (mean batch {on['mean_batch'] or 0:.1f} vs 1); grpc.aio answering without "
+        f"a model: {top['items_per_s']:.0f} requests/s, the most any grpc.aio server serves "
+        f"here ({ratio(top['items_per_s'], no['items_per_s']):.2f}x batching off)",
     ))
+
+
+def one_answer(address: str, scenario: str) -> bytes:
+    """The serialised answer of the server at `address` to `scenario`'s first request."""
+    import grpc
+
+    work = payloads.workload(scenario, 224)
+    with grpc.insecure_channel(address) as channel:
+        answer: bytes = channel.unary_unary(work.method)(work.requests[0], timeout=60)
+    return answer
 
 
 def vs_pytorch(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessServer,

@@ -112,6 +112,64 @@ class InProcessServer:
         self.stop()
 
 
+class CannedServer:
+    """The transport's ceiling: a bare grpc.aio `ClipService` whose EncodeText answers every
+    request with one fixed response, in-process like `InProcessServer`.
+
+    It parses each request and serialises the response as any servicer does, and does nothing
+    else: what Python gRPC alone costs per request on this machine, driven by the same load
+    generator. No server written on grpc.aio can answer faster here. Its answers are not the
+    requests' embeddings (`response` is one answer that clipserve gave), so it only ever
+    serves as a reference point.
+    """
+
+    def __init__(self, response: bytes) -> None:
+        from clipserve.v1 import clip_service_pb2 as pb
+
+        self.response = pb.EncodeTextResponse.FromString(response)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._server: Any = None
+        self.address = ""
+
+    async def _start(self) -> int:
+        import grpc
+
+        from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
+
+        answer = self.response
+
+        class Canned(pb_grpc.ClipServiceServicer):
+            async def EncodeText(self, request: Any, context: Any) -> Any:  # noqa: N802
+                return answer
+
+        self._server = grpc.aio.server()
+        pb_grpc.add_ClipServiceServicer_to_server(Canned(), self._server)
+        port = self._server.add_insecure_port("127.0.0.1:0")
+        await self._server.start()
+        return int(port)
+
+    def start(self) -> CannedServer:
+        self._thread.start()
+        port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(60)
+        self.address = f"127.0.0.1:{port}"
+        return self
+
+    def stop(self) -> None:
+        try:
+            if self._server is not None:
+                asyncio.run_coroutine_threadsafe(self._server.stop(0), self.loop).result(30)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(30)
+
+    def __enter__(self) -> CannedServer:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
 class SubprocessServer:
     """A server process that logs ``SERVING on port N`` when ready; its output is kept."""
 
