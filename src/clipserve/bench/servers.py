@@ -58,10 +58,28 @@ class BatchLog:
         return sum(e[1] for e in chosen[1:]), chosen[-1][0] - chosen[0][0]
 
 
-class InProcessServer:
+class _LoopThread:
+    """A private event loop running in a daemon thread, for a server inside this process."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.address = ""
+
+    def call(self, coroutine: Any, timeout_s: float = 60) -> Any:
+        """Run `coroutine` on the loop; its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
+
+    def _end_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(30)
+
+
+class InProcessServer(_LoopThread):
     """A `ClipServer` on 127.0.0.1, port 0, on a private event loop in a daemon thread."""
 
     def __init__(self, repository: Path, **overrides: Any) -> None:
+        super().__init__()
         from clipserve.server.app import ClipServer
         from clipserve.server.settings import ServerSettings
 
@@ -69,9 +87,6 @@ class InProcessServer:
         self.settings = ServerSettings(model_repository=repository, **{**values, **overrides})
         self.settings.validate()
         self.server = ClipServer(self.settings)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.address = ""
         self.batches = {"vision": BatchLog(), "text": BatchLog()}
 
     def start(self, timeout_s: float = 900) -> InProcessServer:
@@ -83,9 +98,6 @@ class InProcessServer:
         model.vision.add_observer(self.batches["vision"])
         model.text.add_observer(self.batches["text"])
         return self
-
-    def call(self, coroutine: Any, timeout_s: float = 60) -> Any:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
 
     def clear_label_cache(self) -> None:
         model = self.server.model
@@ -102,8 +114,7 @@ class InProcessServer:
         try:
             self.call(self.server.stop(1.0), 60)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(30)
+            self._end_loop()
 
     def __enter__(self) -> InProcessServer:
         return self.start()
@@ -112,7 +123,7 @@ class InProcessServer:
         self.stop()
 
 
-class CannedServer:
+class CannedServer(_LoopThread):
     """The transport's ceiling: a bare grpc.aio `ClipService` whose EncodeText answers every
     request with one fixed response, in-process like `InProcessServer`.
 
@@ -126,11 +137,9 @@ class CannedServer:
     def __init__(self, response: bytes) -> None:
         from clipserve.v1 import clip_service_pb2 as pb
 
+        super().__init__()
         self.response = pb.EncodeTextResponse.FromString(response)
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._server: Any = None
-        self.address = ""
 
     async def _start(self) -> int:
         import grpc
@@ -151,17 +160,15 @@ class CannedServer:
 
     def start(self) -> CannedServer:
         self._thread.start()
-        port = asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(60)
-        self.address = f"127.0.0.1:{port}"
+        self.address = f"127.0.0.1:{self.call(self._start())}"
         return self
 
     def stop(self) -> None:
         try:
             if self._server is not None:
-                asyncio.run_coroutine_threadsafe(self._server.stop(0), self.loop).result(30)
+                self.call(self._server.stop(0), 30)
         finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(30)
+            self._end_loop()
 
     def __enter__(self) -> CannedServer:
         return self.start()
