@@ -198,7 +198,7 @@ class ClipServer:
             )
 
         def arrivals() -> Arrivals | None:  # one per batcher: each tower's own traffic
-            return Arrivals(s.max_queue_delay_s) if s.adaptive_queue_delay else None
+            return Arrivals() if s.adaptive_queue_delay else None
 
         vision_batcher: DynamicBatcher = DynamicBatcher(
             "vision", vision_runner, policy(s.vision_max_batch_size),

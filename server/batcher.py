@@ -5,9 +5,9 @@ Contract:
   bounded queue cannot take them) and returns one future per item.
 - One task owns the queue. A batch is flushed when it reaches `max_batch_size` or when the
   oldest queued item has waited `max_queue_delay`; waiting is event-driven (no polling).
-  Given `arrivals`, a batch does not wait at all while fewer than `ACCOMPANIED_SHARE` of
-  recent requests arrived within the window (the delay) of the one before: a lone client then
-  gets its answer without the delay, and clients that arrive together are still batched.
+  Given `arrivals`, a batch does not wait at all while requests arrive alone (fewer than
+  `ACCOMPANIED_SHARE` of recent ones found another request queued or running): a lone client
+  then gets its answer without the delay, and clients that arrive together are still batched.
 - Items carry a group key (e.g. a text-length bucket); a batch holds items of one group, the
   group of the oldest item, so a batch costs what its members need.
 - `size_for(group, n)` (optional, `BatchPlanner.size_for`) may run fewer than the `n` items of
@@ -57,10 +57,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 BatchFn = Callable[[list[T], Hashable], Sequence[R]]
-
-#: Given `Arrivals`, a batch waits for company only while at least this share of recent
-#: requests arrived within the window (the queue delay) of the request before.
-ACCOMPANIED_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -216,6 +212,8 @@ class DynamicBatcher(Generic[T, R]):
             )
         loop = asyncio.get_running_loop()
         now = time.monotonic()
+        if self._arrivals is not None:
+            self._arrivals.add(bool(self._queued or self._computing or self._held))
         expires = deadline
         if self.config.queue_timeout_s > 0:
             limit = now + self.config.queue_timeout_s
@@ -229,8 +227,6 @@ class DynamicBatcher(Generic[T, R]):
             self._queues.setdefault(item.group, deque()).append(item)
             futures.append(item.future)
         self._queued += len(values)
-        if self._arrivals is not None:
-            self._arrivals.add(now)
         self._arrived.set()
         return futures
 
@@ -297,7 +293,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def _alone(self) -> bool:
         """Whether requests have lately been arriving alone, so that waiting would not pay."""
-        return self._arrivals is not None and self._arrivals.share < ACCOMPANIED_SHARE
+        return self._arrivals is not None and not self._arrivals.expect_company()
 
     async def _top_up(self, batch: list[_Item[T]]) -> None:
         """While the engine is busy, add newly queued items of the batch's group to it.

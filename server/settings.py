@@ -118,9 +118,10 @@ class ServerSettings:
     adaptive_queue_delay: bool = _opt(
         True,
         "skip --max-queue-delay-us while requests arrive alone: a batch waits for company only "
-        "while at least a quarter of the tower's recent requests came within the delay of the "
-        "one before (a lone client in a closed loop is not charged the delay; clients that "
-        "arrive together still share a batch); off: always wait the full delay, as Triton does",
+        "while at least a quarter of the tower's recent requests arrived while another was "
+        "queued or running (a lone client in a closed loop is not charged the delay; clients "
+        "that arrive together still share a batch); off: always wait the full delay, as Triton "
+        "does",
     )
     max_queue_size: int = _opt(
         2048,

@@ -184,3 +184,25 @@ def test_a_manifest_that_is_not_json_is_refused(tiny_repository, tmp_path) -> No
     result = _serve_exit(repo)
     assert result.returncode == 3
     assert "clipserve.json: Expecting property name" in result.stderr
+
+
+def lone_latencies(repository: Path, adaptive: bool, requests: int = 20) -> list[float]:
+    """Seconds per EncodeText of one client calling in a loop, queue delay 100 ms."""
+    with running_server(repository, max_queue_delay_us=100_000,
+                        adaptive_queue_delay=adaptive) as server:
+        latencies = []
+        for _ in range(requests):
+            started = time.monotonic()
+            encode_texts(server.address, ["a photo of a cat"])
+            latencies.append(time.monotonic() - started)
+    return latencies
+
+
+def test_a_lone_client_stops_paying_the_queue_delay_only_with_the_adaptive_delay(
+    tiny_repository,
+) -> None:
+    fixed = lone_latencies(tiny_repository, adaptive=False)
+    assert min(fixed) >= 0.099  # every request waited for company that never came
+    adaptive = lone_latencies(tiny_repository, adaptive=True)
+    assert min(adaptive[:5]) >= 0.099  # it expects company at first, as a fixed delay does
+    assert max(adaptive[-4:]) < 0.05  # then sees requests arrive alone and stops waiting

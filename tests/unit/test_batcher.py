@@ -207,7 +207,7 @@ def make_adaptive(
 
 async def test_a_request_that_came_alone_does_not_wait_for_the_queue_delay() -> None:
     rec = Recorder()
-    lone = Arrivals(0.05, weight=1.0, share=0.0)  # the history says: requests come alone
+    lone = Arrivals(weight=1.0, share=0.0)  # the history says: requests come alone
     async with make_adaptive(rec, lone, delay=30.0) as batcher:
         assert await asyncio.wait_for(asyncio.gather(*batcher.submit([5])), 5) == [10]
     assert rec.batches == [([5], None)]
@@ -215,11 +215,11 @@ async def test_a_request_that_came_alone_does_not_wait_for_the_queue_delay() -> 
 
 async def test_requests_that_come_together_still_wait_and_share_a_batch() -> None:
     rec = Recorder()
-    arrivals = Arrivals(0.3, weight=1.0, share=0.0)
+    arrivals = Arrivals(weight=1.0, share=0.0)
     async with make_adaptive(rec, arrivals, delay=0.3) as batcher:
         started = time.monotonic()
         first = batcher.submit([1])
-        second = batcher.submit([2])  # within the window: company, so the batch waits
+        second = batcher.submit([2])  # the first is still queued: company, so the batch waits
         assert await asyncio.gather(*first, *second) == [2, 4]
         waited = time.monotonic() - started
     assert rec.batches == [([1, 2], None)]
@@ -228,13 +228,12 @@ async def test_requests_that_come_together_still_wait_and_share_a_batch() -> Non
 
 async def test_the_batcher_stops_waiting_once_requests_arrive_alone() -> None:
     rec = Recorder()
-    arrivals = Arrivals(0.05, weight=1.0)  # expects company until it sees otherwise
+    arrivals = Arrivals(weight=0.6)  # expects company until it sees otherwise
     async with make_adaptive(rec, arrivals, delay=1.0) as batcher:
         started = time.monotonic()
-        await asyncio.gather(*batcher.submit([1]))
+        await asyncio.gather(*batcher.submit([1]))  # alone: the share falls from 1 to 0.4
         assert time.monotonic() - started >= 0.99  # waited the delay, as a fixed delay does
-        await asyncio.sleep(0.1)  # the next request comes alone (after more than 0.05 s)
-        started = time.monotonic()
+        started = time.monotonic()  # the next one comes alone too (the first was answered)
         await asyncio.wait_for(asyncio.gather(*batcher.submit([2])), 5)
         assert time.monotonic() - started < 0.9  # did not wait for the 1 s delay
     assert rec.batches == [([1], None), ([2], None)]

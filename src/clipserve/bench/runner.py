@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 
 from clipserve.bench import payloads
@@ -256,23 +257,20 @@ def batching(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessS
              model: str, clients: int = 32) -> None:
     """EncodeText short at `clients`: dynamic batching vs max batch size 1, interleaved with
     the transport's ceiling (`CannedServer`: grpc.aio answering without a model)."""
-    off = InProcessServer(
-        Path(server.settings.model_repository), vision_max_batch_size=1, text_max_batch_size=1,
-        **plan.server_overrides(),
-    ).start()
-    canned = CannedServer(one_answer(server.address, "text_short")).start()
-    try:
+
+    def measure(address: str, batches: InProcessServer | None) -> Callable[[], Sample]:
+        return lambda: load_point(lg, address, "text_short", clients, seconds=plan.seconds,
+                                  warmup_s=plan.warmup_s, server=batches)
+
+    root = Path(server.settings.model_repository)
+    with InProcessServer(root, vision_max_batch_size=1, text_max_batch_size=1,
+                         **plan.server_overrides()) as off, \
+            CannedServer(one_answer(server.address, "text_short")) as canned:
         taken = interleave(plan.rounds, {
-            system: (lambda srv=srv, log_=log_: load_point(
-                lg, srv.address, "text_short", clients, seconds=plan.seconds,
-                warmup_s=plan.warmup_s, server=log_))
-            for system, srv, log_ in (
-                ("on", server, server), ("off", off, off), ("ceiling", canned, None)
-            )
+            "on": measure(server.address, server),
+            "off": measure(off.address, off),
+            "ceiling": measure(canned.address, None),
         })
-    finally:
-        off.stop()
-        canned.stop()
     on = outcome.point(model, "clipserve", "text_short", clients, taken["on"])
     no = outcome.point(model, "clipserve, batching off", "text_short", clients, taken["off"])
     top = outcome.point(model, "grpc.aio, no model (transport ceiling)", "text_short", clients,
@@ -288,8 +286,6 @@ def batching(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessS
 
 def one_answer(address: str, scenario: str) -> bytes:
     """The serialised answer of the server at `address` to `scenario`'s first request."""
-    import grpc
-
     work = payloads.workload(scenario, 224)
     with grpc.insecure_channel(address) as channel:
         answer: bytes = channel.unary_unary(work.method)(work.requests[0], timeout=60)

@@ -19,7 +19,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
+
+import grpc
+
+from clipserve.v1 import clip_service_pb2 as pb
+from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +79,18 @@ class _LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(30)
 
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
 
 class InProcessServer(_LoopThread):
     """A `ClipServer` on 127.0.0.1, port 0, on a private event loop in a daemon thread."""
@@ -89,7 +106,7 @@ class InProcessServer(_LoopThread):
         self.server = ClipServer(self.settings)
         self.batches = {"vision": BatchLog(), "text": BatchLog()}
 
-    def start(self, timeout_s: float = 900) -> InProcessServer:
+    def start(self, timeout_s: float = 900) -> Self:
         self._thread.start()
         port = self.call(self.server.start(), timeout_s)
         self.address = f"127.0.0.1:{port}"
@@ -116,12 +133,6 @@ class InProcessServer(_LoopThread):
         finally:
             self._end_loop()
 
-    def __enter__(self) -> InProcessServer:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
-
 
 class CannedServer(_LoopThread):
     """The transport's ceiling: a bare grpc.aio `ClipService` whose EncodeText answers every
@@ -135,17 +146,11 @@ class CannedServer(_LoopThread):
     """
 
     def __init__(self, response: bytes) -> None:
-        from clipserve.v1 import clip_service_pb2 as pb
-
         super().__init__()
         self.response = pb.EncodeTextResponse.FromString(response)
         self._server: Any = None
 
     async def _start(self) -> int:
-        import grpc
-
-        from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
-
         answer = self.response
 
         class Canned(pb_grpc.ClipServiceServicer):
@@ -158,7 +163,7 @@ class CannedServer(_LoopThread):
         await self._server.start()
         return int(port)
 
-    def start(self) -> CannedServer:
+    def start(self) -> Self:
         self._thread.start()
         self.address = f"127.0.0.1:{self.call(self._start())}"
         return self
@@ -169,12 +174,6 @@ class CannedServer(_LoopThread):
                 self.call(self._server.stop(0), 30)
         finally:
             self._end_loop()
-
-    def __enter__(self) -> CannedServer:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
 
 
 class SubprocessServer:
