@@ -1,32 +1,28 @@
-"""One structured access-log line per RPC, from a server interceptor.
+"""One structured access-log line per RPC.
 
-The interceptor binds a fresh `RequestTrace` around each unary call of clipserve's services, so
-the core and the batchers can fill it in, and when the call ends logs::
+The call layer (`call_layer`) binds a fresh `RequestTrace` around each unary call of
+clipserve's services, so the core and the batchers can fill it in, and when the call ends hands
+a `CallRecord` to `AccessLog.finish`, which logs::
 
     /clipserve.v1.ClipService/EncodeImage OK items=4 latency_ms=12.41 queue_ms=1.93
 
 with the same fields as a dict in the record's ``rpc`` attribute, which `JsonFormatter` writes
-as JSON (``--log-format json``). It also hands a `CallRecord` to observers (the metrics).
-It sits outside `ErrorInterceptor`, so it sees the status a caller gets. The HTTP API
-(`http_api`) reports its requests through `AccessLogInterceptor.finish` as well, as
+as JSON (``--log-format json``), and hands the record to observers (the metrics). The status
+is the one the caller got. The HTTP API (`http_api`) reports its requests here as well, as
 ``POST /v1/embeddings OK ...`` with the gRPC status of the same outcome and ``http_status``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import json
 import logging
-import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
-from clipserve.server import trace as trace_mod
-from clipserve.server.grpc_errors import SERVICE_PREFIXES
 from clipserve.server.settings import LogFormat
 from clipserve.server.trace import RequestTrace
 
@@ -64,61 +60,14 @@ class CallRecord:
 
 
 CallObserver = Callable[[CallRecord], None]
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 
-class AccessLogInterceptor(grpc.aio.ServerInterceptor):
-    """Traces every unary call of the services whose method names start with `prefixes`, logs
-    it (unless `log_calls` is false) and hands it to `observers`."""
+class AccessLog:
+    """Logs finished calls (unless `log_calls` is false) and hands them to `observers`."""
 
-    def __init__(
-        self,
-        prefixes: tuple[str, ...] = SERVICE_PREFIXES,
-        observers: Sequence[CallObserver] = (),
-        *,
-        log_calls: bool = True,
-    ) -> None:
-        self._prefixes = prefixes
+    def __init__(self, observers: Sequence[CallObserver] = (), *, log_calls: bool = True) -> None:
         self._observers = tuple(observers)
         self._log_calls = log_calls
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(self._prefixes):
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
-
-    def _wrap(self, method: str, behavior: Behavior) -> Behavior:
-        async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            started = time.perf_counter()
-            code = grpc.StatusCode.UNKNOWN
-            with trace_mod.bound(RequestTrace()) as trace:
-                try:
-                    response = await behavior(request, context)
-                    code = context.code() or grpc.StatusCode.OK
-                    return response
-                except grpc.aio.AbortError:
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                except asyncio.CancelledError:
-                    code = grpc.StatusCode.CANCELLED
-                    raise
-                finally:
-                    self.finish(
-                        CallRecord(method, code, time.perf_counter() - started, trace,
-                                   context.peer())
-                    )
-
-        return handle
 
     def finish(self, record: CallRecord) -> None:
         """Log a finished call and hand it to the observers (the HTTP API reports here too)."""

@@ -27,11 +27,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from clipserve.repository import Manifest, RepositoryError, load_manifest
-from clipserve.server.access_log import AccessLogInterceptor
+from clipserve.server.access_log import AccessLog
 from clipserve.server.arrivals import Arrivals
-from clipserve.server.auth import BearerAuthInterceptor, interceptors_for
+from clipserve.server.auth import BearerAuthInterceptor, BearerTokens, public_prefixes, tokens_for
 from clipserve.server.batch_plan import BatchPlanner
 from clipserve.server.batcher import BatcherConfig, DynamicBatcher
+from clipserve.server.call_layer import CallLayer
 from clipserve.server.engine import (
     EngineOptions,
     OnnxTower,
@@ -39,7 +40,6 @@ from clipserve.server.engine import (
     pads_batches,
     usable_cores,
 )
-from clipserve.server.grpc_errors import ErrorInterceptor
 from clipserve.server.grpc_service import ClipServicer, model_info
 from clipserve.server.label_cache import LabelCache
 from clipserve.server.metrics import Metrics, MetricsServer
@@ -121,7 +121,7 @@ class ClipServer:
         self.metrics_port = 0  # 0 until the metrics port is bound (or when metrics are off)
         self.http_port = 0  # 0 until the HTTP API is bound (or when it is off)
         self._http: HttpApi | None = None
-        self._access: AccessLogInterceptor | None = None
+        self._access: AccessLog | None = None
         self.model: ClipModel | None = None
         self.metrics: Metrics | None = None
         self._metrics_server: MetricsServer | None = None
@@ -132,8 +132,8 @@ class ClipServer:
         self.drain_report: dict[str, int | bool] = {}
         self.supervisor: SessionSupervisor | None = None
         self.exit_code = 0  # EXIT_SESSION_FAILURE when the server gave up on a broken session
-        self._security: tuple[list[grpc.aio.ServerInterceptor], grpc.ServerCredentials | None]
-        self._security = ([], None)  # (auth interceptors, TLS credentials), read at start
+        self._security: tuple[BearerTokens | None, grpc.ServerCredentials | None]
+        self._security = (None, None)  # (bearer tokens, TLS credentials), read at start
 
     # -- start -------------------------------------------------------------------------------
     async def start(self) -> int:
@@ -141,7 +141,7 @@ class ClipServer:
         s = self.settings
         started = time.monotonic()
         # tokens and TLS files first: a bad one fails at once, before the model loads
-        self._security = (interceptors_for(s, os.environ), server_credentials(s))
+        self._security = (tokens_for(s, os.environ), server_credentials(s))
         http_class = _http_api_class() if s.http_port is not None else None
         root = Path(s.model_repository)
         manifest = load_manifest(root)
@@ -286,16 +286,15 @@ class ClipServer:
                 ("grpc.max_connection_age_ms", int(s.max_connection_age_s * 1000)),
                 ("grpc.max_connection_age_grace_ms", int(s.drain_grace_s * 1000)),
             ]
-        # the access log sits outside the error table, so it logs the status callers get
-        # authentication inside the access log (refusals are logged), before everything else
-        auth, credentials = self._security
-        self._access = AccessLogInterceptor(
-            observers=[metrics.observe_call], log_calls=s.access_log
-        )
-        interceptors = [self._access, *auth, ErrorInterceptor()]
-        server = grpc.aio.server(interceptors=interceptors, options=options)
-        pb_grpc.add_ClipServiceServicer_to_server(servicer, server)
-        triton_pb_grpc.add_GRPCInferenceServiceServicer_to_server(triton, server)
+        tokens, credentials = self._security
+        self._access = AccessLog(observers=[metrics.observe_call], log_calls=s.access_log)
+        layer = CallLayer(self._access, tokens)  # clipserve's services: wrapped at registration
+        interceptors = [] if tokens is None else [  # the other services' authentication
+            BearerAuthInterceptor(tokens, public_prefixes(s), checked_elsewhere=layer.made)
+        ]
+        server = grpc.aio.server(interceptors=interceptors or None, options=options)
+        pb_grpc.add_ClipServiceServicer_to_server(servicer, layer.registrar(server))
+        triton_pb_grpc.add_GRPCInferenceServiceServicer_to_server(triton, layer.registrar(server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for name in HEALTH_SERVICES:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -317,11 +316,11 @@ class ClipServer:
         from clipserve.server.http_api import HttpOptions
 
         s = self.settings
-        auth = next((i for i in self._security[0] if isinstance(i, BearerAuthInterceptor)), None)
+        tokens = self._security[0]
         return HttpOptions(
             max_body_bytes=s.max_message_bytes,
             urls=s.allow_url_inputs,
-            authorize=auth.authorized if auth is not None else None,
+            authorize=tokens.authorized if tokens is not None else None,
             public_health=s.auth_public_health,
             ssl_context=server_ssl_context(s),
         )

@@ -1,5 +1,8 @@
-"""Optional bearer-token authentication: a server interceptor in front of every service.
+"""Optional bearer-token authentication, in front of every service.
 
+clipserve's own services (clipserve.v1, the Triton protocol) check the token in their call
+layer (`call_layer`), so that refusals reach the access log and the metrics; the others (health,
+reflection) through `BearerAuthInterceptor`. The HTTP API uses `BearerTokens.authorized` too.
 A call must carry the metadata ``authorization: Bearer <token>`` with one of the configured
 tokens, or it is refused with UNAUTHENTICATED before its request is even parsed. Health checks
 (and, if configured, reflection) may stay public so that probes need no secret.
@@ -63,14 +66,13 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses calls without a valid bearer token, except to the `public` method prefixes."""
+class BearerTokens:
+    """The configured tokens, kept as SHA-256 digests; `authorized` checks a call's metadata."""
 
-    def __init__(self, tokens: Sequence[str], public: Iterable[str] = (HEALTH_PREFIX,)) -> None:
+    def __init__(self, tokens: Sequence[str]) -> None:
         if not tokens:
-            raise ValueError("BearerAuthInterceptor needs at least one token")
+            raise ValueError("BearerTokens needs at least one token")
         self._digests = tuple(_digest(t) for t in tokens)
-        self._public = tuple(public)
 
     def authorized(self, metadata: Iterable[Any] | None) -> str | None:
         """None when `metadata` carries a valid token, else the reason to give the caller."""
@@ -92,19 +94,37 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
             matched |= hmac.compare_digest(presented, digest)
         return None if matched else INVALID
 
+
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls without a valid bearer token, except to the `public` method prefixes and
+    to the handlers `checked_elsewhere` accepts (those of `call_layer.CallLayer`, which checks
+    the token itself, inside its access log)."""
+
+    def __init__(
+        self,
+        tokens: BearerTokens,
+        public: Iterable[str] = (HEALTH_PREFIX,),
+        checked_elsewhere: Callable[[grpc.RpcMethodHandler], bool] = lambda _handler: False,
+    ) -> None:
+        self._tokens = tokens
+        self._public = tuple(public)
+        self._checked_elsewhere = checked_elsewhere
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if method.startswith(self._public):
-            return await continuation(handler_call_details)
-        reason = self.authorized(handler_call_details.invocation_metadata)
-        if reason is None:
-            return await continuation(handler_call_details)
-        log.debug("refused an unauthenticated call to %s: %s", method, reason)
         handler = await continuation(handler_call_details)
+        if method.startswith(self._public) or (
+            handler is not None and self._checked_elsewhere(handler)
+        ):
+            return handler
+        reason = self._tokens.authorized(handler_call_details.invocation_metadata)
+        if reason is None:
+            return handler
+        log.debug("refused an unauthenticated call to %s: %s", method, reason)
         return _refusal(handler, reason)
 
 
@@ -131,20 +151,23 @@ def _refusal(handler: grpc.RpcMethodHandler | None, reason: str) -> grpc.RpcMeth
     return factory(refuse, request_deserializer=ignore, response_serializer=None)
 
 
-def interceptors_for(
-    settings: ServerSettings, environ: Mapping[str, str]
-) -> list[grpc.aio.ServerInterceptor]:
-    """[BearerAuthInterceptor] when the settings name tokens, else []."""
+def tokens_for(settings: ServerSettings, environ: Mapping[str, str]) -> BearerTokens | None:
+    """The settings' tokens, or None when they name none (authentication off)."""
     tokens = load_tokens(settings.auth_token_file, settings.auth_token_env, environ)
     if not tokens:
-        return []
+        return None
+    log.info(
+        "bearer-token authentication on (%d token(s)); public: %s",
+        len(tokens), ", ".join(p.strip("/") for p in public_prefixes(settings)) or "nothing",
+    )
+    return BearerTokens(tokens)
+
+
+def public_prefixes(settings: ServerSettings) -> tuple[str, ...]:
+    """The method prefixes that need no token under `settings` (health, reflection)."""
     public: list[str] = []
     if settings.auth_public_health:
         public.append(HEALTH_PREFIX)
     if settings.auth_public_reflection:
         public += REFLECTION_PREFIXES
-    log.info(
-        "bearer-token authentication on (%d token(s)); public: %s",
-        len(tokens), ", ".join(p.strip("/") for p in public) or "nothing",
-    )
-    return [BearerAuthInterceptor(tokens, public)]
+    return tuple(public)

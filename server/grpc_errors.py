@@ -1,19 +1,14 @@
-"""The one table from domain errors to wire statuses, applied to gRPC by a server interceptor.
+"""The one table from domain errors to wire statuses (applied to gRPC calls by `call_layer`).
 
 Each domain error has a gRPC status code and, for the OpenAI-compatible HTTP API
 (`http_api`), an HTTP status and error type, in the same row: both transports answer one
 failure alike. Unknown exceptions never leak internals: the caller gets INTERNAL (HTTP 500) with
-a generic message and the traceback goes to the log. Requests protobuf cannot parse (e.g. a
-string field that is not UTF-8) get INVALID_ARGUMENT naming the field instead of gRPC's INTERNAL
-(`wire_check`).
+a generic message and the traceback goes to the log.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 
@@ -28,9 +23,6 @@ from clipserve.server.errors import (
     Overloaded,
     Unauthenticated,
 )
-from clipserve.server.wire_check import Malformed, lenient
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -83,48 +75,3 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """(code, message) a gRPC caller sees for `exc`."""
     status, message = wire_status_for(exc)
     return status.grpc, message
-
-
-Behavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
-
-
-def _wrap(method: str, behavior: Behavior) -> Behavior:
-    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            if isinstance(request, Malformed):  # protobuf could not parse it (wire_check)
-                raise request.error
-            return await behavior(request, context)
-        except grpc.aio.AbortError:
-            raise
-        except ClipServeError as exc:
-            code, message = status_for(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.error("%s failed: %s", method, exc)
-            await context.abort(code, message)
-        except Exception:
-            log.exception("%s failed with an unexpected error", method)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
-
-    return handle
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Applies `STATUSES` to the unary methods of the services whose names start with prefixes."""
-
-    def __init__(self, prefixes: tuple[str, ...] = SERVICE_PREFIXES) -> None:
-        self._prefixes = prefixes
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or handler.unary_unary is None or not method.startswith(self._prefixes):
-            return handler
-        return grpc.unary_unary_rpc_method_handler(
-            _wrap(method, handler.unary_unary),
-            request_deserializer=lenient(handler.request_deserializer),
-            response_serializer=handler.response_serializer,
-        )

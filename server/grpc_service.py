@@ -1,6 +1,6 @@
 """`clipserve.v1.ClipService`: a thin adapter from wire messages to `ClipModel` and back.
 
-Errors are raised as domain errors; `grpc_errors.ErrorInterceptor` turns them into statuses.
+Errors are raised as domain errors; `call_layer` turns them into statuses.
 """
 
 from __future__ import annotations

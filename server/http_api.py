@@ -60,7 +60,7 @@ class HttpOptions:
 
     max_body_bytes: int  # larger bodies get 413 (the gRPC max_message_bytes)
     urls: bool  # whether URL inputs are fetched (allow_url_inputs)
-    authorize: Authorize | None = None  # BearerAuthInterceptor.authorized when tokens are set
+    authorize: Authorize | None = None  # BearerTokens.authorized when tokens are set
     public_health: bool = True  # /health/* answer without a token
     ssl_context: ssl.SSLContext | None = None  # the gRPC port's TLS, mTLS included
 

@@ -21,7 +21,9 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Iterable
+from typing import Any
 
+import grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
@@ -34,6 +36,8 @@ from clipserve.server.triton.statistics import ModelTally, TritonStatistics
 
 log = logging.getLogger(__name__)
 
+#: (method, code) pairs whose labelled children `Metrics.observe_call` keeps at hand.
+MAX_CACHED_CHILDREN = 256
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -111,6 +115,7 @@ class Metrics:
     def __init__(self, statistics: TritonStatistics | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._call_children: dict[tuple[str, grpc.StatusCode], tuple[Any, Any, Any]] = {}
         self.requests = Counter(
             "clipserve_requests", "RPCs by method and status code", ["method", "code"],
             registry=r,
@@ -150,10 +155,21 @@ class Metrics:
 
     def observe_call(self, record: CallRecord) -> None:
         """Access-log observer."""
-        self.requests.labels(record.method, record.code.name).inc()
-        self.request_seconds.labels(record.method).observe(record.latency_s)
+        key = (record.method, record.code)
+        children = self._call_children.get(key)
+        if children is None:  # `labels` costs more than the update itself: look it up once
+            children = (
+                self.requests.labels(record.method, record.code.name),
+                self.request_seconds.labels(record.method),
+                self.preprocess_seconds.labels(record.method),
+            )
+            if len(self._call_children) < MAX_CACHED_CHILDREN:
+                self._call_children[key] = children
+        requests, seconds, preprocess = children
+        requests.inc()
+        seconds.observe(record.latency_s)
         if record.trace.input_ns:
-            self.preprocess_seconds.labels(record.method).observe(record.trace.input_ns / 1e9)
+            preprocess.observe(record.trace.input_ns / 1e9)
 
     def render(self) -> bytes:
         """The Prometheus text format; Triton's counters keep their names (no ``_total``)."""

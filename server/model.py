@@ -67,6 +67,22 @@ def _timing_input() -> contextlib.AbstractContextManager[None]:
     return trace.timing_input() if trace is not None else contextlib.nullcontext()
 
 
+class _Admission:
+    """`ClipModel.admit`'s context manager: one object per model, no state of its own (a
+    generator-based one would cost a generator per request)."""
+
+    __slots__ = ("_model",)
+
+    def __init__(self, model: ClipModel) -> None:
+        self._model = model
+
+    def __enter__(self) -> None:
+        self._model._enter()
+
+    def __exit__(self, *_exc: object) -> None:
+        self._model._leave()
+
+
 # -- results --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Scored:
@@ -115,12 +131,16 @@ class ClipModel:
         self._idle = asyncio.Event()
         self._idle.set()
         self._refused = asyncio.Event()  # set by every request refused as not ready
+        self._admission = _Admission(self)
         self.ready = False
 
     # -- admission ---------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def admit(self) -> Iterator[None]:
-        """Refuse at the door when not ready or when too many requests are in flight."""
+    def admit(self) -> contextlib.AbstractContextManager[None]:
+        """Refuse at the door when not ready or when too many requests are in flight:
+        ``with model.admit(): ...`` counts the block as one request in flight."""
+        return self._admission
+
+    def _enter(self) -> None:
         if not self.ready:
             self._refused.set()
             raise NotReady("the model is not ready (starting, recovering or shutting down)")
@@ -132,12 +152,11 @@ class ClipModel:
             )
         self._in_flight += 1
         self._idle.clear()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            if self._in_flight == 0:
-                self._idle.set()
+
+    def _leave(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
 
     @contextlib.contextmanager
     def _admit_images(self, n: int) -> Iterator[None]:
@@ -274,6 +293,9 @@ class ClipModel:
         deadline: float | None,
     ) -> np.ndarray:
         futures = batcher.submit(values, deadline)
+        if len(futures) == 1:  # no gather, no stack: a lone item is the common call
+            row = await futures[0]  # cancelled with the caller, which frees its batch slot
+            return row.astype(np.float32, copy=False)[None, :]
         try:
             rows = await asyncio.gather(*futures)
         finally:  # the caller left or one item failed: free the others' batch slots

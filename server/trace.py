@@ -1,6 +1,6 @@
 """Per-request accounting, carried in a context variable from the RPC edge to the batchers.
 
-The access-log interceptor binds a `RequestTrace` around each call; `ClipModel` adds its
+The call layer (`call_layer`) binds a `RequestTrace` around each call; `ClipModel` adds its
 preprocessing time and the batchers add items, queue and compute time as the request's batches
 finish. Nothing is recorded when no trace is bound (e.g. warm-up, unit tests of the core).
 A context variable rather than a parameter because every path from an RPC to a batcher
@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 
 
@@ -27,14 +27,23 @@ class RequestTrace:
     queue_ns: int = 0  # longest time one of its items waited for its batch
     compute_ns: int = 0  # compute time of those batches, summed (a shared batch counts in full)
 
-    @contextlib.contextmanager
-    def timing_input(self) -> Iterator[None]:
-        """Add the time the block takes to `input_ns`."""
-        started = time.perf_counter_ns()
-        try:
-            yield
-        finally:
-            self.input_ns += time.perf_counter_ns() - started
+    def timing_input(self) -> _InputTimer:
+        """A context manager that adds the time its block takes to `input_ns`."""
+        return _InputTimer(self)
+
+
+class _InputTimer:
+    __slots__ = ("_started", "_trace")
+
+    def __init__(self, trace: RequestTrace) -> None:
+        self._trace = trace
+        self._started = 0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter_ns()
+
+    def __exit__(self, *_exc: object) -> None:
+        self._trace.input_ns += time.perf_counter_ns() - self._started
 
 
 _CURRENT: ContextVar[RequestTrace | None] = ContextVar("clipserve_request_trace", default=None)
@@ -43,6 +52,15 @@ _CURRENT: ContextVar[RequestTrace | None] = ContextVar("clipserve_request_trace"
 def current() -> RequestTrace | None:
     """The trace of the request being handled, if one is bound."""
     return _CURRENT.get()
+
+
+def bind(trace: RequestTrace) -> Token[RequestTrace | None]:
+    """Bind `trace` until `unbind` gets the token back (`bound` as two plain calls)."""
+    return _CURRENT.set(trace)
+
+
+def unbind(token: Token[RequestTrace | None]) -> None:
+    _CURRENT.reset(token)
 
 
 @contextlib.contextmanager

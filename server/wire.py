@@ -70,8 +70,11 @@ def response_format(fmt: int) -> int:
     return pb.EMBEDDING_FORMAT_FLOAT if fmt == pb.EMBEDDING_FORMAT_UNSPECIFIED else fmt
 
 
+_FORMATS = frozenset(pb.EmbeddingFormat.values())
+
+
 def check_format(fmt: int) -> None:
-    if fmt not in pb.EmbeddingFormat.values():
+    if fmt not in _FORMATS:
         raise InvalidInput(f"format {fmt} is not a known EmbeddingFormat")
 
 

@@ -1,7 +1,7 @@
 """`inference.GRPCInferenceService`: a thin adapter from the KServe v2 / Triton protocol to
 `ClipModel`, on the same batchers as clipserve.v1.ClipService.
 
-Errors are raised as domain errors; `grpc_errors.ErrorInterceptor` turns them into statuses
+Errors are raised as domain errors; `call_layer` turns them into statuses
 (unknown model or version: NOT_FOUND; bad tensors: INVALID_ARGUMENT naming the tensor).
 """
 

@@ -223,6 +223,9 @@ def bearer(token: str) -> tuple[tuple[str, str], ...]:
 def test_bearer_tokens_from_a_file(
     tiny_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # the access log's own level first (another test may have raised it): each call also sets
+    # the capturing handler's level, which must end at DEBUG
+    caplog.set_level(logging.INFO, logger="clipserve.server.access_log")
     caplog.set_level(logging.DEBUG, logger="clipserve")
     tokens = tmp_path / "tokens"
     tokens.write_text(f"# clients\n{TOKEN}\n{OTHER_TOKEN}\n")
@@ -242,6 +245,21 @@ def test_bearer_tokens_from_a_file(
                 grpc.StatusCode.UNAUTHENTICATED, want
             )
             details.append(info.value.details())
+        # refused before the request is parsed: bytes that do not parse (texts[0] is not
+        # UTF-8) are UNAUTHENTICATED without a token, INVALID_ARGUMENT with one
+        raw = channel.unary_unary("/clipserve.v1.ClipService/EncodeText")
+        for metadata, code in (((), grpc.StatusCode.UNAUTHENTICATED),
+                               (bearer(TOKEN), grpc.StatusCode.INVALID_ARGUMENT)):
+            with pytest.raises(grpc.RpcError) as info:
+                raw(b"\x0a\x02\xff\xfe", timeout=10, metadata=metadata)
+            assert info.value.code() is code, info.value.details()
+        # the Triton protocol's service is guarded as well (its health RPCs included)
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(b"", timeout=10)
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert channel.unary_unary("/inference.GRPCInferenceService/ServerLive")(
+            b"", timeout=10, metadata=bearer(TOKEN)
+        ) == b"\x08\x01"  # live: true
         assert encode_text(channel, bearer(TOKEN)) == "OK"
         assert encode_text(channel, bearer(OTHER_TOKEN)) == "OK"
         assert health_call(channel) == "SERVING"  # public by default, for probes
@@ -255,6 +273,9 @@ def test_bearer_tokens_from_a_file(
         assert secret not in caplog.text
         assert all(secret not in d for d in details)
     assert "refused an unauthenticated call to /clipserve.v1.ClipService/EncodeText" in caplog.text
+    # refusals reach the access log (and the metrics) with the status the caller got
+    assert "/clipserve.v1.ClipService/EncodeText UNAUTHENTICATED items=0" in caplog.text
+    assert "/inference.GRPCInferenceService/ServerLive UNAUTHENTICATED items=0" in caplog.text
 
 
 def test_bearer_tokens_from_the_environment_with_public_reflection_only(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from clipserve.server.auth import INVALID, MISSING, BearerAuthInterceptor, load_tokens
+from clipserve.server.auth import INVALID, MISSING, BearerTokens, load_tokens
 from clipserve.server.settings import ConfigError
 
 TOKEN = "s3cr3t-token-AAAA"
@@ -57,11 +57,11 @@ def test_an_unreadable_file_is_named_without_its_content(tmp_path) -> None:
     ],
 )
 def test_authorized(metadata, reason) -> None:
-    interceptor = BearerAuthInterceptor([TOKEN, "other-token"])
-    assert interceptor.authorized(metadata) == reason
+    tokens = BearerTokens([TOKEN, "other-token"])
+    assert tokens.authorized(metadata) == reason
 
 
 def test_no_token_is_kept_in_the_clear() -> None:
-    interceptor = BearerAuthInterceptor([TOKEN])
-    assert TOKEN not in repr(vars(interceptor))
-    assert TOKEN.encode() not in b"".join(interceptor._digests)
+    tokens = BearerTokens([TOKEN])
+    assert TOKEN not in repr(vars(tokens))
+    assert TOKEN.encode() not in b"".join(tokens._digests)
