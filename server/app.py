@@ -289,10 +289,10 @@ class ClipServer:
         tokens, credentials = self._security
         self._access = AccessLog(observers=[metrics.observe_call], log_calls=s.access_log)
         layer = CallLayer(self._access, tokens)  # clipserve's services: wrapped at registration
-        interceptors = [] if tokens is None else [  # the other services' authentication
+        interceptors = None if tokens is None else [  # the other services' authentication
             BearerAuthInterceptor(tokens, public_prefixes(s), checked_elsewhere=layer.made)
         ]
-        server = grpc.aio.server(interceptors=interceptors or None, options=options)
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         pb_grpc.add_ClipServiceServicer_to_server(servicer, layer.registrar(server))
         triton_pb_grpc.add_GRPCInferenceServiceServicer_to_server(triton, layer.registrar(server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -97,14 +97,16 @@ class BearerTokens:
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     """Refuses calls without a valid bearer token, except to the `public` method prefixes and
-    to the handlers `checked_elsewhere` accepts (those of `call_layer.CallLayer`, which checks
-    the token itself, inside its access log)."""
+    to the (method, handler) pairs `checked_elsewhere` accepts (those of
+    `call_layer.CallLayer`, which checks the token itself, inside its access log)."""
 
     def __init__(
         self,
         tokens: BearerTokens,
         public: Iterable[str] = (HEALTH_PREFIX,),
-        checked_elsewhere: Callable[[grpc.RpcMethodHandler], bool] = lambda _handler: False,
+        checked_elsewhere: Callable[[str, grpc.RpcMethodHandler], bool] = (
+            lambda _method, _handler: False
+        ),
     ) -> None:
         self._tokens = tokens
         self._public = tuple(public)
@@ -118,7 +120,7 @@ class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         handler = await continuation(handler_call_details)
         if method.startswith(self._public) or (
-            handler is not None and self._checked_elsewhere(handler)
+            handler is not None and self._checked_elsewhere(method, handler)
         ):
             return handler
         reason = self._tokens.authorized(handler_call_details.invocation_metadata)

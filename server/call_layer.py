@@ -58,26 +58,32 @@ class CallLayer:
         self._access = access
         self._tokens = tokens
         self._prefixes = prefixes
-        self._made: dict[int, grpc.RpcMethodHandler] = {}  # by id; kept alive, so ids stay theirs
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}  # method -> its handler, made once
 
     def registrar(self, server: grpc.aio.Server) -> Registrar:
         """A stand-in for `server` to pass to the generated ``add_*Servicer_to_server``."""
         return Registrar(server, self)
 
-    def made(self, handler: grpc.RpcMethodHandler) -> bool:
-        """Whether `handler` is one of this layer's (it checks the token itself)."""
-        return self._made.get(id(handler)) is handler
+    def made(self, method: str, handler: grpc.RpcMethodHandler) -> bool:
+        """Whether `handler` is this layer's for `method` (it checks the token itself)."""
+        return self._wrapped.get(method) is handler
+
+    def wrapped(self, method: str) -> grpc.RpcMethodHandler | None:
+        """The handler made for `method`, if one was."""
+        return self._wrapped.get(method)
 
     def wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        """`handler` wrapped if `method` is a unary method under the prefixes, else itself."""
+        """`handler` wrapped (once per method) if `method` is a unary method under the
+        prefixes, else `handler` itself. Services' handlers depend on the method name only."""
         if handler.unary_unary is None or not method.startswith(self._prefixes):
             return handler
-        wrapped = grpc.unary_unary_rpc_method_handler(
-            self._behavior(method, handler.unary_unary, lenient(handler.request_deserializer)),
-            request_deserializer=None,  # bytes in: the token is checked before parsing
-            response_serializer=handler.response_serializer,
-        )
-        self._made[id(wrapped)] = wrapped
+        wrapped = self._wrapped.get(method)
+        if wrapped is None:
+            wrapped = self._wrapped[method] = grpc.unary_unary_rpc_method_handler(
+                self._behavior(method, handler.unary_unary, lenient(handler.request_deserializer)),
+                request_deserializer=None,  # bytes in: the token is checked before parsing
+                response_serializer=handler.response_serializer,
+            )
         return wrapped
 
     def _behavior(
@@ -151,25 +157,24 @@ class Registrar:
 
 
 class _WrappedHandlers(grpc.GenericRpcHandler):
-    """A generic handler whose answers pass through `CallLayer.wrap`, once per method.
+    """A generic handler whose answers pass through `CallLayer.wrap`.
 
-    Made for the generated services, whose handler depends on the method name only. Only
-    methods the service has are remembered: unknown names, which any caller can send, are not.
+    Only the methods the service has get a wrapped handler (kept by the layer); unknown
+    names, which any caller can send, leave nothing behind.
     """
 
     def __init__(self, inner: grpc.GenericRpcHandler, layer: CallLayer) -> None:
         self._inner = inner
         self._layer = layer
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
-        handler = self._handlers.get(method)
+        handler = self._layer.wrapped(method)
         if handler is None:
             found = self._inner.service(handler_call_details)
             if found is None:
                 return None
-            handler = self._handlers[method] = self._layer.wrap(method, found)
+            handler = self._layer.wrap(method, found)
         return handler
