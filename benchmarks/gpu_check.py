@@ -3,7 +3,8 @@
 For an fp32 and an fp16 repository of the same model: fp16 parity against fp32 on the device,
 images/s of the raw session at every batch bucket (plain `session.run`, I/O binding, CUDA
 graphs), then images/s through gRPC (tensors and JPEGs, several load-generator processes),
-texts/s, and the GPU memory in use after each step. Prints one line per figure and writes
+texts/s, tensors again with two vision model instances, and the GPU memory in use after each
+step. Prints one line per figure and writes
 everything to a JSON file.
 
 With ``--fp16-attention REPO`` (the fp16 export at ``--opset 23``, whose attention is one ONNX
@@ -159,17 +160,23 @@ def parallel(loadgens: list[LoadGenerator], **command: Any) -> Sample:
     return total
 
 
+#: (scenario, items per request, clients per load generator) of each gRPC point.
+ALL_SCENARIOS = (
+    ("tensor", 8, 16), ("tensor", 16, 16), ("jpeg_640x480", 8, 16),
+    ("jpeg_1920x1080", 4, 16), ("text_short", 16, 32),
+)
+TENSORS = ALL_SCENARIOS[:2]
+
+
 def served(name: str, repo: Path, device: Device, processes: int, seconds: float,
-           settings: dict[str, Any]) -> None:
+           settings: dict[str, Any],
+           scenarios: tuple[tuple[str, int, int], ...] = ALL_SCENARIOS) -> None:
     loadgens = [LoadGenerator() for _ in range(processes)]
     try:
         with InProcessServer(repo, device=device, **settings) as server:
             say(f"gpu_mib/serving_{name}", gpu_memory_mib(),
                 f"GPU memory after warm-up ({name}): {gpu_memory_mib()} MiB")
-            for scenario, items, clients in (
-                ("tensor", 8, 16), ("tensor", 16, 16), ("jpeg_640x480", 8, 16),
-                ("jpeg_1920x1080", 4, 16), ("text_short", 16, 32),
-            ):
+            for scenario, items, clients in scenarios:
                 cpu_before, started = thread_cpu_seconds(), time.monotonic()
                 sample = parallel(loadgens, address=server.address, scenario=scenario,
                                   concurrency=clients, items=items, seconds=seconds,
@@ -209,14 +216,20 @@ def main() -> None:
     buckets = [int(b) for b in args.buckets.split(",")]
     started = time.monotonic()
     say("gpu_mib/start", gpu_memory_mib(), f"GPU memory in use at start: {gpu_memory_mib()} MiB")
+    serving = {"vision_max_batch_size": max(buckets), "text_max_batch_size": 256,
+               "max_items_per_request": 256, "max_queue_size": 8192,
+               "max_concurrent_requests": 4096}
     steps = [
         ("parity", lambda: parity(args.fp32, args.fp16, device)),
         ("raw fp16", lambda: raw_sessions("fp16", args.fp16, device, buckets, args.seconds)),
         ("grpc fp16", lambda: served(
-            "fp16", args.fp16, device, args.processes, args.seconds * 2,
-            {"vision_max_batch_size": max(buckets), "text_max_batch_size": 256,
-             "max_items_per_request": 256, "max_queue_size": 8192,
-             "max_concurrent_requests": 4096},
+            "fp16", args.fp16, device, args.processes, args.seconds * 2, serving,
+        )),
+        # two model instances: one batch's host work (stacking, the copy in) overlaps the
+        # other's kernels, on a second CUDA stream
+        ("grpc fp16 2 instances", lambda: served(
+            "fp16-2-instances", args.fp16, device, args.processes, args.seconds * 2,
+            {**serving, "vision_instances": 2}, TENSORS,
         )),
         ("raw fp32", lambda: raw_sessions("fp32", args.fp32, device, buckets[:4], args.seconds)),
     ]

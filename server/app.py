@@ -94,6 +94,13 @@ def _check_tower_shapes(manifest: Manifest, vision: OnnxTower, text: OnnxTower) 
             )
 
 
+def per_instance(options: EngineOptions, instances: int) -> EngineOptions:
+    """One model instance's options: unless set, its threads are the usable cores shared out
+    between the tower's instances (at least one each)."""
+    threads = options.intra_op_threads or max(1, usable_cores() // instances)
+    return replace(options, intra_op_threads=threads)
+
+
 def engine_options(s: ServerSettings) -> EngineOptions:
     """The ONNX Runtime settings of both towers."""
     return EngineOptions(
@@ -147,19 +154,28 @@ class ClipServer:
         manifest = load_manifest(root)
         options = engine_options(s)
         size, context = manifest.preprocess.size, manifest.tokenizer.context_length
-        vision = OnnxTower(
-            "vision", root / manifest.vision.file, manifest.vision.input, manifest.vision.output,
-            replace(options, tensorrt_profile=(
-                (1, 3, size, size), (s.vision_max_batch_size, 3, size, size),
-                (s.vision_max_batch_size, 3, size, size),
-            )),
-        )
-        text = OnnxTower(
-            "text", root / manifest.text.file, manifest.text.input, manifest.text.output,
-            replace(options, tensorrt_profile=(
-                (1, 2), (s.text_max_batch_size, 16), (s.text_max_batch_size, context)
-            )),
-        )
+        vision_towers = [
+            OnnxTower(
+                "vision", root / manifest.vision.file, manifest.vision.input,
+                manifest.vision.output, replace(
+                    per_instance(options, s.vision_instances), tensorrt_profile=(
+                        (1, 3, size, size), (s.vision_max_batch_size, 3, size, size),
+                        (s.vision_max_batch_size, 3, size, size),
+                    ),
+                ),
+            )
+            for _ in range(s.vision_instances)
+        ]
+        text_towers = [
+            OnnxTower(
+                "text", root / manifest.text.file, manifest.text.input, manifest.text.output,
+                replace(per_instance(options, s.text_instances), tensorrt_profile=(
+                    (1, 2), (s.text_max_batch_size, 16), (s.text_max_batch_size, context)
+                )),
+            )
+            for _ in range(s.text_instances)
+        ]
+        vision, text = vision_towers[0], text_towers[0]
         _check_tower_shapes(manifest, vision, text)
         tokenizer = ClipTokenizer.from_repository(root, manifest.tokenizer)
         preprocessor = ImagePreprocessor(manifest.preprocess, max_image_pixels=s.max_image_pixels)
@@ -179,15 +195,20 @@ class ClipServer:
         if s.batch_trimming and not pad:
             log.info("--batch-trimming has nothing to do: batches on the CPU run unpadded "
                      "(--batch-buckets auto)")
-        vision_runner = VisionRunner(
-            vision, manifest.preprocess.size, vision_buckets,
-            BatchPlanner(vision_buckets) if trim else None, pad=pad,
-        )
-        text_runner = TextRunner(
-            text, text_buckets, length_buckets, manifest.tokenizer.pad_token_id,
-            manifest.tokenizer.eot_token_id, BatchPlanner(text_buckets) if trim else None,
-            pad=pad,
-        )
+        # the instances of a tower share its planner: they run the same shapes on one device
+        vision_planner = BatchPlanner(vision_buckets) if trim else None
+        text_planner = BatchPlanner(text_buckets) if trim else None
+        vision_runners = [
+            VisionRunner(tower, manifest.preprocess.size, vision_buckets, vision_planner, pad=pad)
+            for tower in vision_towers
+        ]
+        text_runners = [
+            TextRunner(
+                tower, text_buckets, length_buckets, manifest.tokenizer.pad_token_id,
+                manifest.tokenizer.eot_token_id, text_planner, pad=pad,
+            )
+            for tower in text_towers
+        ]
 
         def policy(max_batch_size: int) -> BatcherConfig:
             return BatcherConfig(
@@ -201,13 +222,14 @@ class ClipServer:
             return Arrivals() if s.adaptive_queue_delay else None
 
         vision_batcher: DynamicBatcher = DynamicBatcher(
-            "vision", vision_runner, policy(s.vision_max_batch_size),
-            size_for=vision_runner.planner.size_for if vision_runner.planner else None,
+            "vision", vision_runners, policy(s.vision_max_batch_size),
+            size_for=vision_planner.size_for if vision_planner else None,
             arrivals=arrivals(),
         )
         text_batcher: DynamicBatcher = DynamicBatcher(
-            "text", text_runner, policy(s.text_max_batch_size), group_of=text_runner.group_of,
-            size_for=text_runner.planner.size_for if text_runner.planner else None,
+            "text", text_runners, policy(s.text_max_batch_size),
+            group_of=text_runners[0].group_of,
+            size_for=text_planner.size_for if text_planner else None,
             arrivals=arrivals(),
         )
         self.model = ClipModel(
@@ -227,8 +249,8 @@ class ClipServer:
             s.session_failure_threshold, s.max_session_rebuilds,
             set_serving=self._set_serving, give_up=self._give_up,
         )
-        self.supervisor.watch("vision", vision_batcher, vision_runner.rebuild)
-        self.supervisor.watch("text", text_batcher, text_runner.rebuild)
+        self.supervisor.watch("vision", vision_batcher, lambda i: vision_runners[i].rebuild())
+        self.supervisor.watch("text", text_batcher, lambda i: text_runners[i].rebuild())
         info = model_info(  # unpadded, every size up to the maximum runs as it comes
             self.model, vision.provider,
             vision_buckets if pad else tuple(range(1, s.vision_max_batch_size + 1)),
@@ -264,8 +286,9 @@ class ClipServer:
 
         if s.warmup:
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(None, timed_warm_up, "vision", vision_runner)
-            await loop.run_in_executor(None, timed_warm_up, "text", text_runner)
+            for name, runners in (("vision", vision_runners), ("text", text_runners)):
+                for runner in runners:
+                    await loop.run_in_executor(None, timed_warm_up, name, runner)
         await vision_batcher.start()
         await text_batcher.start()
         self.model.ready = True

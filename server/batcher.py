@@ -14,9 +14,10 @@ Contract:
   a formed batch: the rest go back to the head of their queue, in order, for the next batch.
 - Cancelled items (the caller went away) are skipped; expired items (deadline or queue timeout)
   fail with `DeadlineExpired` before compute.
-- The batch function runs on the batcher's own single-thread executor, never on the event loop;
-  at most one further batch is formed while one runs (prefetch of one). The prefetched batch
-  stays open until the engine is free: items of its group that arrive meanwhile join it, up to
+- Model instances (Triton's `instance_group` count): given several batch functions, up to that
+  many batches run at once, each on its instance's own single-thread executor, never on the
+  event loop. One further batch is formed while every instance is busy (prefetch of one); it
+  stays open until an instance is free: items of its group that arrive meanwhile join it, up to
   `max_batch_size` (it could not run earlier anyway; on a slow engine this keeps batches full
   instead of fragmenting the clients over many small ones).
 - An exception fans out to every item of the failed batch; an output whose length differs from
@@ -24,8 +25,8 @@ Contract:
 - Observers (`add_observer`) hear of every computed batch as a `BatchEvent`, on the event loop;
   the request trace bound at `submit` (clipserve.server.trace) gets its items' times.
 - Failure observers (`add_failure_observer`) hear the number of consecutive failed batches
-  (the session supervisor rebuilds a failing session); `run_exclusive` runs a job on the
-  inference thread between two batches.
+  (the session supervisor rebuilds a failing session); `run_exclusive` runs a job on every
+  instance's inference thread, between two of its batches.
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 BatchFn = Callable[[list[T], Hashable], Sequence[R]]
+#: Runs a job on each model instance, given the instance's index (e.g. rebuild its session).
+InstanceJob = Callable[[int], Any]
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ class DynamicBatcher(Generic[T, R]):
     def __init__(
         self,
         name: str,
-        batch_fn: BatchFn[T, R],
+        batch_fn: BatchFn[T, R] | Sequence[BatchFn[T, R]],
         config: BatcherConfig,
         *,
         group_of: Callable[[T], Hashable] | None = None,
@@ -129,7 +132,12 @@ class DynamicBatcher(Generic[T, R]):
         self.name = name
         self.config = config
         self.stats = BatchStats()
-        self._batch_fn = batch_fn
+        # one batch function per model instance, each only ever called on its own thread
+        self._batch_fns: list[BatchFn[T, R]] = (
+            [batch_fn] if callable(batch_fn) else list(batch_fn)
+        )
+        if not self._batch_fns:
+            raise ValueError(f"{name}: a batcher needs at least one model instance")
         self._group_of = group_of or (lambda _item: None)
         self._size_for = size_for
         self._queues: dict[Hashable, deque[_Item[T]]] = {}
@@ -137,11 +145,18 @@ class DynamicBatcher(Generic[T, R]):
         self._arrived = asyncio.Event()
         self._arrivals = arrivals
         self._idle = asyncio.Event()  # set whenever nothing is queued or running
-        self._slots = asyncio.Semaphore(2)  # one batch running + one prefetched
-        self._computing = 0  # batches handed to the inference thread and not finished
+        n = len(self._batch_fns)
+        self._slots = asyncio.Semaphore(n + 1)  # a batch running per instance + one prefetched
+        self._computing = 0  # batches handed to an instance and not finished
+        self._free = list(range(n - 1, -1, -1))  # idle instances; the last one freed goes next
         self._held: list[_Item[T]] = []  # the next batch, formed, waiting for the engine
         self._running: set[asyncio.Future[Any]] = set()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"infer-{name}")
+        self._executors = [
+            ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix=f"infer-{name}" + (f"-{i}" if n > 1 else "")
+            )
+            for i in range(n)
+        ]
         self._task: asyncio.Task[None] | None = None
         self._accepting = False
         self._observers: list[BatchObserver] = []
@@ -155,9 +170,24 @@ class DynamicBatcher(Generic[T, R]):
         """Call `observer(consecutive_failures)` on the loop after every failed batch."""
         self._failure_observers.append(observer)
 
-    async def run_exclusive(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` on the inference thread between two batches (e.g. rebuild the session)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    @property
+    def instances(self) -> int:
+        """How many batches may run at once (one per model instance)."""
+        return len(self._batch_fns)
+
+    async def run_exclusive(self, job: InstanceJob) -> list[Any]:
+        """Run `job(i)` on each instance i's inference thread, between two of its batches
+        (e.g. rebuild its session); the instances run it side by side. Raises the first
+        failure, after every instance has finished its job."""
+        loop = asyncio.get_running_loop()
+        runs = [
+            loop.run_in_executor(executor, job, i) for i, executor in enumerate(self._executors)
+        ]
+        results = await asyncio.gather(*runs, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return results
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -183,7 +213,8 @@ class DynamicBatcher(Generic[T, R]):
         if self._running:
             await asyncio.wait(list(self._running))
         # a batch still inside the engine finishes on its thread; nothing waits for it
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in self._executors:
+            executor.shutdown(wait=False, cancel_futures=True)
 
     async def __aenter__(self) -> DynamicBatcher[T, R]:
         await self.start()
@@ -196,9 +227,9 @@ class DynamicBatcher(Generic[T, R]):
     def queued(self) -> int:
         return self._queued
 
-    def run_direct(self, values: list[T], group: Hashable = None) -> Sequence[R]:
-        """Run the batch function synchronously (warm-up before serving)."""
-        return self._batch_fn(values, group)
+    def run_direct(self, values: list[T], group: Hashable = None, instance: int = 0) -> Sequence[R]:
+        """Run one instance's batch function synchronously (warm-up before serving)."""
+        return self._batch_fns[instance](values, group)
 
     # -- admission -------------------------------------------------------------------------
     def submit(self, values: Sequence[T], deadline: float | None = None) -> list[asyncio.Future[R]]:
@@ -296,13 +327,13 @@ class DynamicBatcher(Generic[T, R]):
         return self._arrivals is not None and not self._arrivals.expect_company()
 
     async def _top_up(self, batch: list[_Item[T]]) -> None:
-        """While the engine is busy, add newly queued items of the batch's group to it.
+        """While every instance is busy, add newly queued items of the batch's group to it.
 
-        A full batch waits for the engine too (held, not handed to the executor), so that items
+        A full batch waits for an instance too (held, not handed to an executor), so that items
         whose callers leave meanwhile are still dropped before compute.
         """
         queue = self._queues[batch[0].group]
-        while self._computing:
+        while self._computing >= len(self._batch_fns):
             if queue and len(batch) < self.config.max_batch_size:
                 batch += self._take(queue, self.config.max_batch_size - len(batch))
                 continue
@@ -351,9 +382,12 @@ class DynamicBatcher(Generic[T, R]):
         # the group decides padding (e.g. text length bucket)
         group = batch[0].group
         values = [item.value for item in batch]
+        instance = self._free.pop()  # one is free: at most `instances` batches are computing
         started = time.monotonic()
         try:
-            outputs = await loop.run_in_executor(self._executor, self._batch_fn, values, group)
+            outputs = await loop.run_in_executor(
+                self._executors[instance], self._batch_fns[instance], values, group
+            )
             if len(outputs) != len(batch):
                 raise ModelFailure(
                     f"{self.name} returned {len(outputs)} outputs for a batch of {len(batch)}"
@@ -372,6 +406,8 @@ class DynamicBatcher(Generic[T, R]):
             )
             self._failed(batch, error)
             return
+        finally:
+            self._free.append(instance)
         finished = time.monotonic()
         compute_ns = int((finished - started) * 1e9)
         queue_ns = tuple(int((started - item.enqueued) * 1e9) for item in batch)

@@ -112,6 +112,14 @@ class ServerSettings:
     tensorrt_fp16: bool = _opt(False, "let TensorRT run fp32 models in fp16")
     vision_max_batch_size: int = _opt(16, "largest image batch the vision tower runs")
     text_max_batch_size: int = _opt(64, "largest text batch the text tower runs")
+    vision_instances: int = _opt(
+        1,
+        "model instances of the vision tower (Triton's instance_group count): sessions that run "
+        "batches side by side, each on its own thread, sharing the tower's queue; with "
+        "--intra-op-threads 0 they share the cores out. Each instance holds its own copy of the "
+        "weights",
+    )
+    text_instances: int = _opt(1, "model instances of the text tower (as --vision-instances)")
     max_queue_delay_us: int = _opt(
         2000, "how long the oldest queued item waits for a batch to fill (microseconds)"
     )
@@ -253,6 +261,8 @@ class ServerSettings:
         positive = (
             "vision_max_batch_size",
             "text_max_batch_size",
+            "vision_instances",
+            "text_instances",
             "max_queue_size",
             "max_concurrent_requests",
             "max_items_per_request",

@@ -5,8 +5,9 @@ A failed batch fails only its own items (INTERNAL, generic message, details in t
 
 1. the server turns NOT_SERVING and refuses new requests with UNAVAILABLE (retryable: a balancer
    sends them to another replica), while admitted requests go on;
-2. the tower's ONNX Runtime session is rebuilt from its file and every batch shape runs once, on
-   the tower's own inference thread, between two batches (off the event loop);
+2. the tower's ONNX Runtime sessions (one per model instance) are rebuilt from its file and
+   every batch shape runs once, each on its instance's own inference thread, between two of its
+   batches (off the event loop);
 3. on success the server is SERVING again; if the rebuild or its warm-up fails, or more than
    `max_rebuilds` rebuilds were needed within `window_s`, the server gives up: it drains and exits
    with `EXIT_SESSION_FAILURE`, so that its orchestrator restarts it (a fresh process, or another
@@ -50,8 +51,9 @@ class SessionSupervisor:
         self._recent: list[float] = []  # monotonic start times of rebuilds within the window
         self._task: asyncio.Task[None] | None = None
 
-    def watch(self, name: str, batcher: DynamicBatcher, rebuild: Callable[[], object]) -> None:
-        """Rebuild with `rebuild()` (run on the batcher's inference thread) when `name` fails."""
+    def watch(self, name: str, batcher: DynamicBatcher, rebuild: Callable[[int], object]) -> None:
+        """Rebuild with `rebuild(i)` for each model instance i (run on that instance's inference
+        thread) when `name` fails."""
         if self.threshold <= 0:
             return
 
@@ -66,7 +68,7 @@ class SessionSupervisor:
         return self._task is not None and not self._task.done()
 
     async def _recover(
-        self, name: str, batcher: DynamicBatcher, rebuild: Callable[[], object]
+        self, name: str, batcher: DynamicBatcher, rebuild: Callable[[int], object]
     ) -> None:
         log.error(
             "%s: %d consecutive batches failed; NOT_SERVING while the session is rebuilt",

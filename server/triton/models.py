@@ -80,6 +80,7 @@ class TritonModel:
     max_batch_size: int  # items one request may carry
     batching: BatcherConfig  # the tower batcher's policy
     parameters: Mapping[str, str] = field(default_factory=dict)
+    instances: int = 1  # the tower's model instances (instance_group count)
 
     @property
     def is_tower(self) -> bool:
@@ -134,22 +135,24 @@ def build_models(model: ClipModel) -> dict[str, TritonModel]:
             TensorSpec(
                 m.vision.input, ("FP32", "FP16"), (3, size, size), mc.ModelInput.FORMAT_NCHW
             ),
-            image_embeds, items, vision, common,
+            image_embeds, items, vision, common, model.vision.instances,
         ),
         TritonModel(
             TEXT_MODEL, Kind.TOKEN_IDS, "text", "onnxruntime_onnx", "onnxruntime",
             TensorSpec(m.text.input, ("INT64", "INT32"), (-1,)),
-            text_embeds, items, text, text_params,
+            text_embeds, items, text, text_params, model.text.instances,
         ),
         TritonModel(
             IMAGE_BYTES_MODEL, Kind.IMAGE_BYTES, "vision", "clipserve", "clipserve",
             TensorSpec("images", ("BYTES",), (1,)),
             image_embeds, items, vision, {**common, "composing_model": VISION_MODEL},
+            model.vision.instances,
         ),
         TritonModel(
             TEXT_STRINGS_MODEL, Kind.TEXT_STRINGS, "text", "clipserve", "clipserve",
             TensorSpec("texts", ("BYTES",), (1,)),
             text_embeds, items, text, {**text_params, "composing_model": TEXT_MODEL},
+            model.text.instances,
         ),
     ]
     return {t.name: t for t in models}
@@ -189,7 +192,7 @@ def config(model: TritonModel, provider: str) -> mc.ModelConfig:
         ],
         instance_group=[
             mc.ModelInstanceGroup(
-                name=f"{model.name}_0", count=1,
+                name=f"{model.name}_0", count=model.instances,
                 kind=mc.ModelInstanceGroup.KIND_GPU if gpu else mc.ModelInstanceGroup.KIND_CPU,
             )
         ],

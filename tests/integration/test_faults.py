@@ -257,9 +257,15 @@ class FailingSession:
         return getattr(self._real, name)
 
 
+def vision_towers(server: ServerThread) -> list[Any]:
+    """The vision tower's OnnxTowers, one per model instance (test-only access to the runners
+    behind the batcher)."""
+    return [runner.tower for runner in server.server.model.vision._batch_fns]
+
+
 def vision_tower(server: ServerThread) -> Any:
-    """The vision tower's OnnxTower (test-only access to the runner behind the batcher)."""
-    return server.server.model.vision._batch_fn.tower
+    """The first instance's OnnxTower."""
+    return vision_towers(server)[0]
 
 
 class HealthWatch:
@@ -291,16 +297,22 @@ def one_image() -> pb.EncodeImageRequest:
     return pb.EncodeImageRequest(images=[pb.Image(data=jpeg(64, 48, 7))])
 
 
+@pytest.mark.parametrize("instances", [1, 2])
 def test_a_failing_session_turns_not_serving_is_rebuilt_and_serves_again(
-    tiny_repository: Path, caplog: pytest.LogCaptureFixture
+    tiny_repository: Path, caplog: pytest.LogCaptureFixture, instances: int
 ) -> None:
     from clipserve.server.grpc_errors import INTERNAL_MESSAGE
 
-    with running_server(tiny_repository, session_failure_threshold=2) as server:
+    with running_server(
+        tiny_repository, session_failure_threshold=2, vision_instances=instances
+    ) as server:
         watch = HealthWatch(server.address)
         wait_until(lambda: watch.statuses == ["SERVING"], what="the first health status")
-        tower = vision_tower(server)
-        broken = tower._session = FailingSession(tower._session)
+        towers = vision_towers(server)
+        assert len(towers) == instances
+        broken = [FailingSession(tower._session) for tower in towers]
+        for tower, session in zip(towers, broken, strict=True):
+            tower._session = session  # the device failed: every instance fails
         with grpc.insecure_channel(server.address) as channel:
             stub = pb_grpc.ClipServiceStub(channel)
             errors = []
@@ -313,9 +325,10 @@ def test_a_failing_session_turns_not_serving_is_rebuilt_and_serves_again(
             wait_until(lambda: health_status(server.address) == "SERVING", what="SERVING")
             response = stub.EncodeImage(one_image(), timeout=30)
         watch.close()
-    assert broken.calls == 2
+    assert sum(session.calls for session in broken) == 2
     assert [(e.code().name, e.details()) for e in errors] == [("INTERNAL", INTERNAL_MESSAGE)] * 2
-    assert tower._session is not broken
+    for tower, session in zip(towers, broken, strict=True):
+        assert tower._session is not session  # every instance's session was rebuilt
     assert np.linalg.norm(response.embeddings[0].values) == pytest.approx(1.0, abs=1e-5)
     assert watch.statuses == ["SERVING", "NOT_SERVING", "SERVING"]
     assert SECRET_PATH in caplog.text  # the operator sees the cause ...

@@ -155,6 +155,7 @@ def test_model_config_is_a_triton_model_config(client, clip_server) -> None:
     assert vision.dynamic_batching.max_queue_delay_microseconds == s.max_queue_delay_us
     assert vision.dynamic_batching.default_queue_policy.max_queue_size == s.max_queue_size
     assert vision.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert vision.instance_group[0].count == s.vision_instances == 1
     strings = client.get_model_config("clip_text_strings").config
     assert strings.input[0].data_type == mc.TYPE_STRING
     assert list(strings.dynamic_batching.preferred_batch_size) == [s.text_max_batch_size]

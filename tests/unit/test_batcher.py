@@ -237,3 +237,112 @@ async def test_the_batcher_stops_waiting_once_requests_arrive_alone() -> None:
         await asyncio.wait_for(asyncio.gather(*batcher.submit([2])), 5)
         assert time.monotonic() - started < 0.9  # did not wait for the 1 s delay
     assert rec.batches == [([1], None), ([2], None)]
+
+
+# -- model instances ---------------------------------------------------------------------------
+
+
+class Instance:
+    """One model instance: doubles its inputs, notes the thread of every batch and job, and
+    waits at a barrier shared with the other instances before it answers (when given one)."""
+
+    def __init__(self, barrier: threading.Barrier | None = None) -> None:
+        self.barrier = barrier
+        self.threads: set[str] = set()
+        self.job_threads: set[str] = set()
+        self.fail_next = False
+
+    def __call__(self, values: list[int], _group: Hashable) -> list[int]:
+        self.threads.add(threading.current_thread().name)
+        if self.barrier is not None:
+            self.barrier.wait()  # raises BrokenBarrierError unless the others come too
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("instance failed")
+        return [2 * v for v in values]
+
+    def job(self) -> str:
+        self.job_threads.add(threading.current_thread().name)
+        return threading.current_thread().name
+
+
+async def test_instances_run_batches_side_by_side_each_on_its_own_thread() -> None:
+    barrier = threading.Barrier(2, timeout=5)  # passes only if two batches run at once
+    instances = [Instance(barrier), Instance(barrier)]
+    config = BatcherConfig(1, 0.0, 64)
+    async with DynamicBatcher("test", instances, config) as batcher:
+        assert batcher.instances == 2
+        for round_ in range(3):
+            values = [10 * round_, 10 * round_ + 1]
+            assert await asyncio.gather(*batcher.submit(values)) == [2 * v for v in values]
+    assert not barrier.broken
+    assert all(len(i.threads) == 1 for i in instances)  # each instance keeps its thread
+    assert instances[0].threads != instances[1].threads
+    assert batcher.stats.execution_count == 6
+
+
+async def test_one_instance_runs_one_batch_at_a_time() -> None:
+    barrier = threading.Barrier(2, timeout=0.5)
+    async with DynamicBatcher("test", Instance(barrier), BatcherConfig(1, 0.0, 64)) as batcher:
+        with pytest.raises(ModelFailure):  # the lone batch waits at the barrier for no one
+            await asyncio.gather(*batcher.submit([1, 2]))
+    assert barrier.broken
+
+
+async def test_each_instance_runs_one_batch_and_one_more_is_prefetched() -> None:
+    gate = threading.Event()
+
+    class Gated(Instance):
+        def __call__(self, values: list[int], group: Hashable) -> list[int]:
+            gate.wait(5)
+            return super().__call__(values, group)
+
+    async with DynamicBatcher("test", [Gated(), Gated(), Gated()], BatcherConfig(2, 0.0, 64)) as b:
+        futures = b.submit(list(range(20)))
+        await asyncio.sleep(0.1)
+        # three batches running, one formed and waiting: 20 - 4 x 2 items still queued
+        assert b.queued == 12
+        gate.set()
+        assert await asyncio.gather(*futures) == [2 * v for v in range(20)]
+
+
+async def test_a_failed_batch_fails_only_its_items_and_frees_its_instance() -> None:
+    barrier = threading.Barrier(2, timeout=5)
+    instances = [Instance(barrier), Instance(barrier)]
+    async with DynamicBatcher("test", instances, BatcherConfig(1, 0.0, 64)) as batcher:
+        instances[0].fail_next = instances[1].fail_next = True
+        results = await asyncio.gather(*batcher.submit([1, 2]), return_exceptions=True)
+        assert all(isinstance(r, ModelFailure) for r in results)
+        # both instances are free again: two more batches still meet at the barrier
+        assert await asyncio.gather(*batcher.submit([3, 4])) == [6, 8]
+    assert batcher.stats.failed_batches == 2
+
+
+async def test_run_exclusive_runs_the_job_on_each_instance_thread() -> None:
+    instances = [Instance(), Instance()]
+    async with DynamicBatcher("test", instances, BatcherConfig(1, 0.0, 64)) as batcher:
+        await asyncio.gather(*batcher.submit([1, 2, 3, 4]))
+        names = await batcher.run_exclusive(lambda i: instances[i].job())
+    assert len(set(names)) == 2
+    for instance in instances:
+        assert instance.job_threads <= instance.threads  # the job ran where its batches run
+
+
+async def test_run_exclusive_raises_a_failure_after_every_instance_finished() -> None:
+    done: list[int] = []
+
+    def job(i: int) -> None:
+        if i == 0:
+            raise RuntimeError("rebuild failed")
+        time.sleep(0.1)
+        done.append(i)
+
+    async with DynamicBatcher("test", [Instance(), Instance()], BatcherConfig(1, 0.0, 64)) as b:
+        with pytest.raises(RuntimeError, match="rebuild failed"):
+            await b.run_exclusive(job)
+    assert done == [1]
+
+
+def test_a_batcher_needs_an_instance() -> None:
+    with pytest.raises(ValueError, match="at least one model instance"):
+        DynamicBatcher("test", [], BatcherConfig(1, 0.0, 64))

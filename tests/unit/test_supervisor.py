@@ -25,7 +25,7 @@ class Engine:
             raise ModelFailure("engine failed")
         return [2 * v for v in values]
 
-    def rebuild(self) -> None:
+    def rebuild(self, _instance: int) -> None:
         if self.rebuild_fails:
             raise RuntimeError("device lost")
         self.rebuilds += 1
