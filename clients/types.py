@@ -110,6 +110,7 @@ class BatchingInfo:
     max_queue_size: int
     batch_buckets: tuple[int, ...]
     length_buckets: tuple[int, ...]
+    instances: int = 1  # model instances running batches side by side
 
 
 @dataclass(frozen=True, slots=True)

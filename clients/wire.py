@@ -291,6 +291,7 @@ def _batching(info: pb.BatchingInfo) -> BatchingInfo:
         max_queue_size=info.max_queue_size,
         batch_buckets=tuple(info.batch_buckets),
         length_buckets=tuple(info.length_buckets),
+        instances=info.instances or 1,  # 0: a server from before the field had one
     )
 
 

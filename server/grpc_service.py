@@ -11,7 +11,7 @@ import grpc
 
 from clipserve import __version__
 from clipserve.server import wire
-from clipserve.server.batcher import BatcherConfig
+from clipserve.server.batcher import DynamicBatcher
 from clipserve.server.model import ClipModel
 from clipserve.v1 import clip_service_pb2 as pb
 from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
@@ -106,14 +106,16 @@ def model_info(
     m = model.manifest
 
     def batching(
-        config: BatcherConfig, buckets: tuple[int, ...], lengths: tuple[int, ...] = ()
+        batcher: DynamicBatcher, buckets: tuple[int, ...], lengths: tuple[int, ...] = ()
     ) -> pb.BatchingInfo:
+        config = batcher.config
         return pb.BatchingInfo(
             max_batch_size=config.max_batch_size,
             max_queue_delay_us=round(config.max_queue_delay_s * 1e6),
             max_queue_size=config.max_queue_size,
             batch_buckets=buckets,
             length_buckets=lengths,
+            instances=batcher.instances,
         )
 
     return pb.GetModelInfoResponse(
@@ -124,8 +126,8 @@ def model_info(
         context_length=m.tokenizer.context_length,
         precision=m.precision,
         execution_provider=provider,
-        vision_batching=batching(model.vision.config, vision_buckets),
-        text_batching=batching(model.text.config, text_buckets, length_buckets),
+        vision_batching=batching(model.vision, vision_buckets),
+        text_batching=batching(model.text, text_buckets, length_buckets),
         logit_scale=m.logit_scale,
         logit_bias=m.logit_bias or 0.0,
         default_templates=list(m.default_templates),

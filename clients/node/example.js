@@ -129,6 +129,7 @@ async function run(args) {
         pretrained: info.pretrained,
         embeddingDim: info.embeddingDim,
         executionProvider: info.executionProvider,
+        visionInstances: info.visionBatching.instances,
       },
       text: { text: args.text, embedding: Array.from(textEmbedding) },
       images: args.images.map((path, i) => ({ path, embedding: Array.from(imageEmbeddings[i]) })),

@@ -113,7 +113,7 @@ def test_concurrent_callers_get_the_one_instance_embeddings_from_both_instances(
     assert vision_overlap.most == text_overlap.most == 2
 
 
-def test_instances_share_out_the_cores_and_the_triton_config_counts_them(
+def test_instances_share_out_the_cores_and_model_info_and_triton_count_them(
     two_instances: ServerThread,
 ) -> None:
     for tower in ("vision", "text"):
@@ -127,6 +127,9 @@ def test_instances_share_out_the_cores_and_the_triton_config_counts_them(
         for name in ("clip_vision", "clip_text", "clip_image_bytes", "clip_text_strings"):
             config = stub.ModelConfig(tpb.ModelConfigRequest(name=name), timeout=10).config
             assert config.instance_group[0].count == 2, name
+    with ClipClient(two_instances.address, timeout=60.0) as client:
+        info = client.info()
+    assert info.vision_batching.instances == info.text_batching.instances == 2
 
 
 def test_instances_must_be_positive(tiny_repository: Path) -> None:

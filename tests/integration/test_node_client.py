@@ -132,6 +132,7 @@ def test_model_info_matches(node_result: dict[str, Any], client: ClipClient) -> 
         "pretrained": info.pretrained,
         "embeddingDim": info.embedding_dim,
         "executionProvider": info.execution_provider,
+        "visionInstances": info.vision_batching.instances,
     }
 
 

@@ -101,6 +101,7 @@ def test_model_info_describes_the_repository(stub, clip_server) -> None:
     # --batch-buckets auto on the CPU: every batch size runs as formed, none is padded
     assert list(info.vision_batching.batch_buckets) == [1, 2, 3, 4, 5, 6, 7, 8]
     assert list(info.text_batching.length_buckets) == [8, 16, 32, 77]
+    assert info.vision_batching.instances == info.text_batching.instances == 1
     assert info.logit_scale == pytest.approx(manifest.logit_scale)
     assert list(info.default_templates) == list(manifest.default_templates)
 

@@ -51,6 +51,7 @@ import { invalidResponse } from './errors.js';
  * @property {number} maxQueueSize
  * @property {number[]} batchBuckets
  * @property {number[]} lengthBuckets
+ * @property {number} instances model instances running batches side by side
  */
 
 /**
@@ -366,6 +367,7 @@ function batching(b) {
     maxQueueSize: b?.maxQueueSize ?? 0,
     batchBuckets: [...(b?.batchBuckets ?? [])],
     lengthBuckets: [...(b?.lengthBuckets ?? [])],
+    instances: b?.instances || 1, // 0: a server from before the field had one
   };
 }
 

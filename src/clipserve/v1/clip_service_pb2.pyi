@@ -179,18 +179,20 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class BatchingInfo(_message.Message):
-    __slots__ = ("max_batch_size", "max_queue_delay_us", "max_queue_size", "batch_buckets", "length_buckets")
+    __slots__ = ("max_batch_size", "max_queue_delay_us", "max_queue_size", "batch_buckets", "length_buckets", "instances")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     BATCH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
     LENGTH_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queue_delay_us: int
     max_queue_size: int
     batch_buckets: _containers.RepeatedScalarFieldContainer[int]
     length_buckets: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., length_buckets: _Optional[_Iterable[int]] = ...) -> None: ...
+    instances: int
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., batch_buckets: _Optional[_Iterable[int]] = ..., length_buckets: _Optional[_Iterable[int]] = ..., instances: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
     __slots__ = ("model_name", "pretrained", "embedding_dim", "image_size", "context_length", "precision", "execution_provider", "vision_batching", "text_batching", "logit_scale", "logit_bias", "default_templates", "server_version", "image_mean", "image_std", "interpolation", "resize_mode", "max_items_per_request", "max_labels")
