@@ -38,6 +38,7 @@ from clipserve.server.engine import (
     OnnxTower,
     lower_thread_priority,
     pads_batches,
+    per_instance,
     usable_cores,
 )
 from clipserve.server.grpc_service import ClipServicer, model_info
@@ -92,13 +93,6 @@ def _check_tower_shapes(manifest: Manifest, vision: OnnxTower, text: OnnxTower) 
                 f"{what} shape {actual} disagrees with the manifest (expected {wanted}): "
                 "the ONNX file and clipserve.json come from different exports"
             )
-
-
-def per_instance(options: EngineOptions, instances: int) -> EngineOptions:
-    """One model instance's options: unless set, its threads are the usable cores shared out
-    between the tower's instances (at least one each)."""
-    threads = options.intra_op_threads or max(1, usable_cores() // instances)
-    return replace(options, intra_op_threads=threads)
 
 
 def engine_options(s: ServerSettings) -> EngineOptions:

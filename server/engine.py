@@ -14,7 +14,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +70,13 @@ class EngineOptions:
     tensorrt_fp16: bool = False
     #: TensorRT optimisation profile of the tower's input: (min, opt, max) shapes.
     tensorrt_profile: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]] | None = None
+
+
+def per_instance(options: EngineOptions, instances: int) -> EngineOptions:
+    """One model instance's options: unless set, its threads are the usable cores shared out
+    between the tower's instances (at least one each)."""
+    threads = options.intra_op_threads or max(1, usable_cores() // instances)
+    return replace(options, intra_op_threads=threads)
 
 
 def cuda_provider_options(options: EngineOptions) -> dict[str, str]:

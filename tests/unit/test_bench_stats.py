@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from PIL import Image
 
 from clipserve.bench import report
 from clipserve.bench.loadgen import _Window
-from clipserve.bench.measure import Sample, interleave, merged
+from clipserve.bench.measure import Sample, engine_sample_side_by_side, interleave, merged
 from clipserve.bench.stats import percentile, ratio, summarize
 from clipserve.bench.targets import TARGETS, Target, TargetResult, result
 
@@ -105,6 +106,33 @@ def test_interleave_alternates_the_systems_round_by_round() -> None:
     assert calls == ["a", "b", "a", "b", "a", "b"]
     assert taken["a"].seconds == 3.0
     assert len(taken["b"].latencies_s) == 3
+
+
+def test_engine_instances_run_side_by_side_and_their_calls_add_up() -> None:
+    # each instance's first three calls (one unmeasured, at least two measured: all of them
+    # happen) pass only while the other instance is calling too
+    barrier = threading.Barrier(2, timeout=5)
+    calls = {"a": 0, "b": 0}
+
+    def run(name: str):
+        def call(_batch: np.ndarray) -> None:
+            if calls[name] < 3:
+                barrier.wait()
+            calls[name] += 1
+
+        return call
+
+    batch = np.zeros((3, 2), np.float32)
+    sample = engine_sample_side_by_side([run("a"), run("b")], batch, 0.05)
+    assert not barrier.broken
+    # each instance's first call is not measured; every other call is, with its 3 items
+    assert len(sample.latencies_s) == calls["a"] + calls["b"] - 2
+    assert sample.items_per_request == 3
+    # one window of wall time, not the sum of the two: the rates add up
+    assert 0.05 <= sample.seconds < 0.05 + 1.0
+    assert sample.stats().items_per_s == pytest.approx(
+        3 * len(sample.latencies_s) / sample.seconds
+    )
 
 
 class TestWindow:

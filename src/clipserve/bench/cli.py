@@ -65,6 +65,10 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
                         help="the servers' --intra-op-threads (default: the server's default)")
     parser.add_argument("--preprocess-workers", type=int, default=None,
                         help="the servers' --preprocess-workers (default: the server's default)")
+    parser.add_argument("--vision-instances", type=int, default=None,
+                        help="the servers' --vision-instances; the engine limit is then as many "
+                        "raw sessions side by side, each with an instance's threads (default: "
+                        "the server's default, 1)")
     parser.set_defaults(run=run)
 
 
@@ -90,6 +94,7 @@ def _plan(args: argparse.Namespace) -> Any:
         rounds=args.rounds, concurrency=concurrency, memory_requests=args.memory_requests,
         memory_model=args.memory_model, image_model=args.image_model,
         intra_op_threads=args.intra_op_threads, preprocess_workers=args.preprocess_workers,
+        vision_instances=args.vision_instances,
     )
 
 

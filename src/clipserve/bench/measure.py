@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -129,6 +130,20 @@ def engine_sample(run: Callable[[np.ndarray], object], batch: np.ndarray, second
         if now - start >= seconds and len(latencies) >= 2:
             break
     return Sample(latencies_s=latencies, seconds=now - start, items_per_request=len(batch))
+
+
+def engine_sample_side_by_side(
+    runs: Sequence[Callable[[np.ndarray], object]], batch: np.ndarray, seconds: float
+) -> Sample:
+    """`engine_sample` of each of `runs` (one per model instance) on its own thread at once:
+    their calls add up, as a server's instances' batches do."""
+    if len(runs) == 1:
+        return engine_sample(runs[0], batch, seconds)
+    with ThreadPoolExecutor(len(runs)) as pool:
+        samples = list(pool.map(lambda run: engine_sample(run, batch, seconds), runs))
+    total = merged(samples)
+    total.seconds = max(s.seconds for s in samples)  # side by side, not one after another
+    return total
 
 
 def interleave(rounds: int, systems: dict[str, Callable[[], Sample]]) -> dict[str, Sample]:

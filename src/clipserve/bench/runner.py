@@ -24,7 +24,13 @@ import grpc
 import numpy as np
 
 from clipserve.bench import payloads
-from clipserve.bench.measure import Sample, engine_sample, interleave, load_point, merged
+from clipserve.bench.measure import (
+    Sample,
+    engine_sample_side_by_side,
+    interleave,
+    load_point,
+    merged,
+)
 from clipserve.bench.servers import (
     CannedServer,
     InProcessServer,
@@ -68,6 +74,7 @@ class Plan:
     image_model: str = "ViT-B-32"  # engine fraction, vs PyTorch
     intra_op_threads: int = 0
     preprocess_workers: int = 0
+    vision_instances: int = 1  # the servers' and the raw engine's
 
     @classmethod
     def create(cls, quick: bool, work_dir: Path, **overrides: Any) -> Plan:
@@ -88,6 +95,7 @@ class Plan:
         return {
             "intra_op_threads": self.intra_op_threads,
             "preprocess_workers": self.preprocess_workers,
+            "vision_instances": self.vision_instances,
         }
 
 
@@ -197,18 +205,28 @@ def sweep(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessServ
 
 def engine_fraction(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessServer,
                     model: str, clients: int = 16) -> None:
-    """Served tensors at `clients` vs the raw session at its best batch size, interleaved."""
+    """Served tensors at `clients` vs the raw session at its best batch size, interleaved.
+
+    With several vision instances, the raw engine is as many sessions, each with an
+    instance's threads, run side by side at that batch size each: the server's configuration.
+    """
     from clipserve.repository import load_manifest
-    from clipserve.server.engine import EngineOptions, OnnxTower
+    from clipserve.server.engine import EngineOptions, OnnxTower, per_instance
     from clipserve.server.settings import parse_buckets
 
     root = Path(server.settings.model_repository)
     manifest = load_manifest(root)
     s = server.settings
-    tower = OnnxTower(
-        "vision", root / manifest.vision.file, manifest.vision.input, manifest.vision.output,
-        EngineOptions(device=s.device, intra_op_threads=s.intra_op_threads),
+    instances = s.vision_instances
+    options = per_instance(
+        EngineOptions(device=s.device, intra_op_threads=s.intra_op_threads), instances
     )
+    runs = [
+        OnnxTower("vision", root / manifest.vision.file, manifest.vision.input,
+                  manifest.vision.output, options).run
+        for _ in range(instances)
+    ]
+    raw_name = "raw ORT session" if instances == 1 else f"raw ORT, {instances} sessions"
     size = manifest.preprocess.size
     rng = np.random.default_rng(0)
     buckets = parse_buckets(s.batch_buckets, s.vision_max_batch_size)
@@ -216,7 +234,8 @@ def engine_fraction(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InP
     by_size = {}
     for bucket in buckets:  # [n, 3, S, S]
         batch = rng.standard_normal((bucket, 3, size, size), dtype=np.float32)
-        by_size[bucket] = (batch, engine_sample(tower.run, batch, window).stats().items_per_s)
+        rate = engine_sample_side_by_side(runs, batch, window).stats().items_per_s
+        by_size[bucket] = (batch, rate)
     # The sweep's short windows are noisy (one or two calls per size on a slow model): its two
     # leading sizes are both measured in the interleaved rounds, and the better one is the limit.
     leading = sorted(by_size, key=lambda b: by_size[b][1], reverse=True)[:2]
@@ -231,12 +250,13 @@ def engine_fraction(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InP
     # running each batch at its own size (the CPU default) changes
     with InProcessServer(root, batch_buckets="pow2", **plan.server_overrides()) as padding:
         taken = interleave(plan.rounds, {
-            **{f"engine {b}": (lambda b=b: engine_sample(tower.run, by_size[b][0], plan.seconds))
-               for b in leading},
+            **{f"engine {b}": (
+                lambda b=b: engine_sample_side_by_side(runs, by_size[b][0], plan.seconds)
+            ) for b in leading},
             "served": served_by(server),
             "padded": served_by(padding),
         })
-    raw = {b: outcome.point(model, f"raw ORT session, batch {b}", "tensor", 1,
+    raw = {b: outcome.point(model, f"{raw_name}, batch {b}", "tensor", instances,
                             taken[f"engine {b}"]) for b in leading}
     best = max(raw, key=lambda b: raw[b]["items_per_s"])
     engine = raw[best]
@@ -247,9 +267,9 @@ def engine_fraction(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InP
     outcome.targets.append(result(
         "engine_fraction", ratio(served["items_per_s"], engine["items_per_s"]),
         f"{model}: served {served['items_per_s']:.1f} items/s at {clients} clients (mean batch "
-        f"{served['mean_batch'] or 0:.1f}) vs raw session {engine['items_per_s']:.1f} items/s at "
-        f"batch {best}; padded to powers of two {padded['items_per_s']:.1f} items/s (mean batch "
-        f"{padded['mean_batch'] or 0:.1f})",
+        f"{served['mean_batch'] or 0:.1f}) vs {raw_name} {engine['items_per_s']:.1f} items/s at "
+        f"batch {best}{' each' if instances > 1 else ''}; padded to powers of two "
+        f"{padded['items_per_s']:.1f} items/s (mean batch {padded['mean_batch'] or 0:.1f})",
     ))
 
 
@@ -464,6 +484,8 @@ def memory(plan: Plan, outcome: Outcome, lg: LoadGenerator, model: str,
     flags = []
     if plan.intra_op_threads:
         flags += ["--intra-op-threads", str(plan.intra_op_threads)]
+    if plan.vision_instances != 1:
+        flags += ["--vision-instances", str(plan.vision_instances)]
     server = SubprocessServer(clipserve_command(root, *flags), f"clipserve {model}").start()
     try:
         ready = proc_status(server.pid)
