@@ -64,6 +64,30 @@ def test_quick_bench_writes_table_json_and_plot(tiny_repository: Path, tmp_path:
     print(f"quick bench took {elapsed:.1f}s")
 
 
+def test_the_engine_limit_of_two_vision_instances_is_two_raw_sessions(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "results"
+    status = main([
+        "--log-level", "WARNING", "bench", "--quick", "--repository", f"tiny={tiny_repository}",
+        "--skip", "sweep,batching,pytorch,preprocess,tokenizer,lengths,labels,memory",
+        "--output", str(output), "--seconds", "0.3", "--vision-instances", "2",
+    ])
+    assert status == 0
+    document = json.loads((output / "bench.json").read_text())
+    raw = [p for p in document["points"] if p["system"].startswith("raw ORT")]
+    assert raw
+    assert all(p["system"].startswith("raw ORT, 2 sessions, batch ") for p in raw)
+    assert all(p["errors"] == 0 and p["items_per_s"] > 0 for p in raw)
+    served = [p for p in document["points"] if p["system"] == "clipserve"]
+    assert served
+    assert served[0]["errors"] == 0
+    engine = {t["key"]: t for t in document["targets"]}["engine_fraction"]
+    assert engine["measured"] is not None
+    assert "raw ORT, 2 sessions" in engine["detail"]
+    assert " each;" in engine["detail"]
+
+
 def test_ab_servers_compares_two_settings_side_by_side(tiny_repository: Path) -> None:
     import subprocess
     import sys
