@@ -227,9 +227,9 @@ class DynamicBatcher(Generic[T, R]):
     def queued(self) -> int:
         return self._queued
 
-    def run_direct(self, values: list[T], group: Hashable = None, instance: int = 0) -> Sequence[R]:
-        """Run one instance's batch function synchronously (warm-up before serving)."""
-        return self._batch_fns[instance](values, group)
+    def run_direct(self, values: list[T], group: Hashable = None) -> Sequence[R]:
+        """Run the first instance's batch function synchronously (warm-up before serving)."""
+        return self._batch_fns[0](values, group)
 
     # -- admission -------------------------------------------------------------------------
     def submit(self, values: Sequence[T], deadline: float | None = None) -> list[asyncio.Future[R]]:
