@@ -28,8 +28,13 @@ def encode_texts(address: str, texts: list[str], timeout: float = 60) -> pb.Enco
         )
 
 
-def test_shutdown_finishes_requests_in_flight_and_refuses_new_ones(tiny_repository) -> None:
-    with running_server(tiny_repository, text_max_batch_size=2, max_queue_delay_us=0) as server:
+@pytest.mark.parametrize("instances", [1, 2])
+def test_shutdown_finishes_requests_in_flight_and_refuses_new_ones(
+    tiny_repository, instances: int
+) -> None:
+    with running_server(
+        tiny_repository, text_max_batch_size=2, max_queue_delay_us=0, text_instances=instances
+    ) as server:
         channel = grpc.insecure_channel(server.address)
         stub = pb_grpc.ClipServiceStub(channel)
         calls = [stub.EncodeText.future(pb.EncodeTextRequest(texts=TEXTS), timeout=60)
