@@ -56,6 +56,9 @@ def test_quick_bench_writes_table_json_and_plot(tiny_repository: Path, tmp_path:
     for key in ("vs_pytorch", "preprocess_speedup", "tokenizer_speedup"):
         assert targets[key]["status"] == "not measured"
     assert document["extra"]["length_buckets"]["tiny"]["min_cosine"] > 0.9999
+    # the memory-lean server really ran with two malloc arenas (read from its /proc environ)
+    assert document["extra"]["memory"]["lean"]["env"] == {"MALLOC_ARENA_MAX": "2"}
+    assert "MALLOC_ARENA_MAX=2 --no-prepack-weights" in targets["memory_peak_ratio"]["detail"]
 
     text = (output / "bench.md").read_text()
     assert "| model | system" in text

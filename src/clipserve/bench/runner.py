@@ -37,6 +37,7 @@ from clipserve.bench.servers import (
     LoadGenerator,
     SubprocessServer,
     clipserve_command,
+    proc_environ,
     proc_status,
 )
 from clipserve.bench.stats import ratio
@@ -510,7 +511,7 @@ def memory(plan: Plan, outcome: Outcome, lg: LoadGenerator, model: str,
     outcome.extra["memory"]["lean"] = lean
     outcome.targets.append(result(
         "memory_peak_ratio", lean["peak"] / files,
-        f"{model}: peak RSS {lean['peak'] / mib:.0f} MiB with {' '.join(LEAN_FLAGS)} (after "
+        f"{model}: peak RSS {lean['peak'] / mib:.0f} MiB with {lean_configuration()} (after "
         f"{lean['images']} images and {lean['texts']} texts; at ready {lean['ready'] / mib:.0f} "
         f"MiB) vs model files {files / mib:.0f} MiB; default settings {peak:.2f}x "
         f"({final['VmHWM'] / mib:.0f} MiB)",
@@ -528,21 +529,32 @@ def memory(plan: Plan, outcome: Outcome, lg: LoadGenerator, model: str,
 #: activations stay small (CPU throughput barely grows beyond a batch of 4 images).
 LEAN_FLAGS = ("--no-prepack-weights", "--no-cpu-mem-arena", "--vision-max-batch-size", "4",
               "--text-max-batch-size", "16")
+#: ... and two glibc malloc arenas instead of up to eight per core: without ONNX Runtime's
+#: arena every batch's activations come from malloc, and each thread that allocates while
+#: another holds an arena's lock gets an arena of its own, which keeps what it freed. The
+#: peak then depends on how many arenas the threads happened to touch (docs/performance.md).
+LEAN_ENV = {"MALLOC_ARENA_MAX": "2"}
+
+
+def lean_configuration() -> str:
+    """The memory-lean configuration as a command line's environment and flags."""
+    return " ".join([*(f"{k}={v}" for k, v in LEAN_ENV.items()), *LEAN_FLAGS])
 
 
 def _lean_peak(plan: Plan, lg: LoadGenerator, root: Path, flags: list[str]) -> dict[str, Any]:
     """Peak RSS of a server started with `LEAN_FLAGS`, after full image and text batches."""
     server = SubprocessServer(clipserve_command(root, *flags, *LEAN_FLAGS),
-                              "clipserve (memory-lean)").start()
+                              "clipserve (memory-lean)", env=LEAN_ENV).start()
     images, texts = (8, 64) if plan.quick else (16, 400)
     try:
+        environ = proc_environ(server.pid, LEAN_ENV)  # what the server really runs with
         ready = proc_status(server.pid)["VmHWM"]
         load_point(lg, server.address, "tensor", 4, count=images, image_size=image_size(root))
         load_point(lg, server.address, "text_77", 16, count=texts)
         peak = proc_status(server.pid)["VmHWM"]
     finally:
         server.stop()
-    return {"flags": list(LEAN_FLAGS), "ready": ready, "peak": peak,
+    return {"flags": list(LEAN_FLAGS), "env": environ, "ready": ready, "peak": peak,
             "images": images, "texts": texts}
 
 

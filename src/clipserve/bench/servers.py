@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -254,6 +254,14 @@ def proc_status(pid: int) -> dict[str, int]:
             if key in ("VmRSS", "VmHWM"):
                 out[key] = int(value.split()[0]) * 1024
     return out
+
+
+def proc_environ(pid: int, names: Iterable[str]) -> dict[str, str | None]:
+    """The values of `names` in a process's environment, from /proc/PID/environ."""
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = (entry.partition(b"=") for entry in f.read().split(b"\0") if entry)
+        environ = {k.decode(errors="replace"): v.decode(errors="replace") for k, _, v in pairs}
+    return {name: environ.get(name) for name in names}
 
 
 class LoadGenerator:
