@@ -37,8 +37,8 @@ from clipserve.server.engine import (
     EngineOptions,
     OnnxTower,
     lower_thread_priority,
+    open_instances,
     pads_batches,
-    per_instance,
     usable_cores,
 )
 from clipserve.server.grpc_service import ClipServicer, model_info
@@ -148,27 +148,21 @@ class ClipServer:
         manifest = load_manifest(root)
         options = engine_options(s)
         size, context = manifest.preprocess.size, manifest.tokenizer.context_length
-        vision_towers = [
-            OnnxTower(
-                "vision", root / manifest.vision.file, manifest.vision.input,
-                manifest.vision.output, replace(
-                    per_instance(options, s.vision_instances), tensorrt_profile=(
-                        (1, 3, size, size), (s.vision_max_batch_size, 3, size, size),
-                        (s.vision_max_batch_size, 3, size, size),
-                    ),
-                ),
-            )
-            for _ in range(s.vision_instances)
-        ]
-        text_towers = [
-            OnnxTower(
-                "text", root / manifest.text.file, manifest.text.input, manifest.text.output,
-                replace(per_instance(options, s.text_instances), tensorrt_profile=(
-                    (1, 2), (s.text_max_batch_size, 16), (s.text_max_batch_size, context)
-                )),
-            )
-            for _ in range(s.text_instances)
-        ]
+        vision_towers = open_instances(
+            "vision", root / manifest.vision.file, manifest.vision.input, manifest.vision.output,
+            replace(options, tensorrt_profile=(
+                (1, 3, size, size), (s.vision_max_batch_size, 3, size, size),
+                (s.vision_max_batch_size, 3, size, size),
+            )),
+            s.vision_instances,
+        )
+        text_towers = open_instances(
+            "text", root / manifest.text.file, manifest.text.input, manifest.text.output,
+            replace(options, tensorrt_profile=(
+                (1, 2), (s.text_max_batch_size, 16), (s.text_max_batch_size, context)
+            )),
+            s.text_instances,
+        )
         vision, text = vision_towers[0], text_towers[0]
         _check_tower_shapes(manifest, vision, text)
         tokenizer = ClipTokenizer.from_repository(root, manifest.tokenizer)

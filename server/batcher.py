@@ -227,10 +227,6 @@ class DynamicBatcher(Generic[T, R]):
     def queued(self) -> int:
         return self._queued
 
-    def run_direct(self, values: list[T], group: Hashable = None) -> Sequence[R]:
-        """Run the first instance's batch function synchronously (warm-up before serving)."""
-        return self._batch_fns[0](values, group)
-
     # -- admission -------------------------------------------------------------------------
     def submit(self, values: Sequence[T], deadline: float | None = None) -> list[asyncio.Future[R]]:
         """Queue all `values` or none; `deadline` is a time.monotonic() instant."""

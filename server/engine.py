@@ -291,6 +291,14 @@ class OnnxTower:
         return out
 
 
+def open_instances(
+    name: str, path: Path, input_name: str, output_name: str, options: EngineOptions, count: int
+) -> list[OnnxTower]:
+    """`count` model instances of one tower, each a session of its own (`per_instance`)."""
+    own = per_instance(options, count)
+    return [OnnxTower(name, path, input_name, output_name, own) for _ in range(count)]
+
+
 def pads_batches(spec: str, provider: str) -> bool:
     """Whether batches are padded up to a bucket: always, except `--batch-buckets auto` on the
     CPU provider, where a new batch size costs no more than a known one."""

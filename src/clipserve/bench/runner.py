@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +98,18 @@ class Plan:
             "preprocess_workers": self.preprocess_workers,
             "vision_instances": self.vision_instances,
         }
+
+    def server_flags(self) -> list[str]:
+        """`server_overrides` as `clipserve serve` flags (those that differ from its defaults),
+        for the servers the bench starts as subprocesses."""
+        from clipserve.server.settings import ServerSettings
+
+        defaults = {f.name: f.default for f in fields(ServerSettings)}
+        flags: list[str] = []
+        for name, value in self.server_overrides().items():
+            if value != defaults[name]:
+                flags += [f"--{name.replace('_', '-')}", str(value)]
+        return flags
 
 
 @dataclass
@@ -212,21 +224,17 @@ def engine_fraction(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InP
     instance's threads, run side by side at that batch size each: the server's configuration.
     """
     from clipserve.repository import load_manifest
-    from clipserve.server.engine import EngineOptions, OnnxTower, per_instance
+    from clipserve.server.engine import EngineOptions, open_instances
     from clipserve.server.settings import parse_buckets
 
     root = Path(server.settings.model_repository)
     manifest = load_manifest(root)
     s = server.settings
     instances = s.vision_instances
-    options = per_instance(
-        EngineOptions(device=s.device, intra_op_threads=s.intra_op_threads), instances
-    )
-    runs = [
-        OnnxTower("vision", root / manifest.vision.file, manifest.vision.input,
-                  manifest.vision.output, options).run
-        for _ in range(instances)
-    ]
+    runs = [tower.run for tower in open_instances(
+        "vision", root / manifest.vision.file, manifest.vision.input, manifest.vision.output,
+        EngineOptions(device=s.device, intra_op_threads=s.intra_op_threads), instances,
+    )]
     raw_name = "raw ORT session" if instances == 1 else f"raw ORT, {instances} sessions"
     size = manifest.preprocess.size
     rng = np.random.default_rng(0)
@@ -482,11 +490,7 @@ def memory(plan: Plan, outcome: Outcome, lg: LoadGenerator, model: str,
     """Server subprocess: peak RSS vs model files; RSS growth over cheap requests."""
     root = repository(plan, model)
     files = model_files_bytes(root)
-    flags = []
-    if plan.intra_op_threads:
-        flags += ["--intra-op-threads", str(plan.intra_op_threads)]
-    if plan.vision_instances != 1:
-        flags += ["--vision-instances", str(plan.vision_instances)]
+    flags = plan.server_flags()
     server = SubprocessServer(clipserve_command(root, *flags), f"clipserve {model}").start()
     try:
         ready = proc_status(server.pid)
