@@ -446,7 +446,7 @@ def limit_cases() -> Iterator[Case]:
                pb.EncodeImageRequest(images=[GOOD], format=9),
                "INVALID_ARGUMENT", "format 9 is not a known EmbeddingFormat")
     yield Case("deadline-already-past", "EncodeText", pb.EncodeTextRequest(texts=["late"]),
-               "DEADLINE_EXCEEDED", "Deadline Exceeded", timeout=0,
+               "DEADLINE_EXCEEDED", "Deadline Exceeded", timeout=-1,
                or_message=r"deadline passed after \d+\.\d{3}s in the text queue, before compute")
 
 
