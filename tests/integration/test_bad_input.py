@@ -309,6 +309,16 @@ def tensor_cases() -> Iterator[Case]:
                "PERMISSION_DENIED", f"{item}URL inputs are disabled on this server")
     yield Case("fp16-tensor", "EncodeImage", image_request(tensor(full, pb.DATA_TYPE_FLOAT16)),
                check=unit_norm)
+    # float32 tensors are checked on the loop, everything else on the pool: the first failed
+    # item by position is named either way
+    nan, tiff = tensor(full, poison=float("nan")), pb.Image(data=TIFF)
+    yield Case("bad-tensor-before-bad-image", "EncodeImage",
+               pb.EncodeImageRequest(images=[GOOD, nan, tiff]), "INVALID_ARGUMENT",
+               f"{item}tensor contains NaN or Inf (1 of {values} values) "
+               "(and 1 more failed item(s))")
+    yield Case("bad-image-before-bad-tensor", "EncodeImage",
+               pb.EncodeImageRequest(images=[GOOD, tiff, nan]), "INVALID_ARGUMENT",
+               f"{item}image format TIFF is not supported {SUPPORTED} (and 1 more failed item(s))")
 
 
 def text_cases() -> Iterator[Case]:
