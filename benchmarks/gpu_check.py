@@ -3,8 +3,8 @@
 For an fp32 and an fp16 repository of the same model: fp16 parity against fp32 on the device,
 images/s of the raw session at every batch bucket (plain `session.run`, I/O binding, CUDA
 graphs), then images/s through gRPC (tensors and JPEGs, several load-generator processes),
-texts/s, tensors again with two vision model instances, and the GPU memory in use after each
-step. Prints one line per figure and writes
+texts/s, tensors again with two vision model instances and with a 0.5 ms interpreter switch
+interval, and the GPU memory in use after each step. Prints one line per figure and writes
 everything to a JSON file.
 
 With ``--fp16-attention REPO`` (the fp16 export at ``--opset 23``, whose attention is one ONNX
@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -197,6 +198,16 @@ def served(name: str, repo: Path, device: Device, processes: int, seconds: float
             lg.close()
 
 
+def served_with_switch_interval(seconds: float, *args: Any) -> None:
+    """`served(*args)` with the interpreter's thread switch interval set to `seconds`."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(seconds)
+    try:
+        served(*args)
+    finally:
+        sys.setswitchinterval(before)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fp32", type=Path, required=True)
@@ -230,6 +241,13 @@ def main() -> None:
         ("grpc fp16 2 instances", lambda: served(
             "fp16-2-instances", args.fp16, device, args.processes, args.seconds * 2,
             {**serving, "vision_instances": 2}, TENSORS,
+        )),
+        # the interpreter lock: a thread that wants it waits up to the switch interval (5 ms)
+        # while the event loop parses requests; the inference thread needs it between the
+        # steps of every batch
+        ("grpc fp16 switch 0.5 ms", lambda: served_with_switch_interval(
+            0.0005, "fp16-switch-0.5ms", args.fp16, device, args.processes, args.seconds * 2,
+            serving, TENSORS,
         )),
         ("raw fp32", lambda: raw_sessions("fp32", args.fp32, device, buckets[:4], args.seconds)),
     ]
