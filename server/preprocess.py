@@ -203,8 +203,10 @@ def plan_geometry(width: int, height: int, target: int, resize_mode: str) -> Geo
 class ImagePreprocessor:
     """Decode and preprocess one image for the vision tower; thread-safe and stateless.
 
-    ``decode`` and ``from_tensor`` are CPU-bound and release the GIL in Pillow and numpy: run
-    them on a thread pool, off the event loop.
+    ``decode`` is CPU-bound and releases the GIL in Pillow and numpy: run it on a thread pool,
+    off the event loop; so is ``from_tensor`` of float16 (a conversion). ``from_tensor`` of
+    float32 with ``copy=False`` is a view and a finiteness check (~15 us at 224 px), cheaper
+    than the hand-off to a pool.
     """
 
     def __init__(
