@@ -50,7 +50,7 @@ class EncodedImage:
 class TensorImage:
     shape: tuple[int, ...]
     dtype: str  # "float32" | "float16"
-    data: bytes
+    data: bytes | memoryview  # little-endian values, C order; a byte-format view is not copied
 
 
 @dataclass(frozen=True)

@@ -276,7 +276,8 @@ class ImagePreprocessor:
                 raise InvalidInput(f"image is truncated or corrupt: {_describe(exc)}") from None
 
     def from_tensor(
-        self, shape: Sequence[int], dtype: str, data: bytes, *, out: np.ndarray | None = None,
+        self, shape: Sequence[int], dtype: str, data: bytes | memoryview, *,
+        out: np.ndarray | None = None,
         copy: bool = True,
     ) -> np.ndarray:
         """A preprocessed little-endian float32/float16 tensor -> float32 [3, S, S] (a copy).

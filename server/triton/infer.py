@@ -29,8 +29,8 @@ async def embed(
         pixels = tensor.data  # [N, 3, S, S] float32 or float16
         assert isinstance(pixels, np.ndarray)
         dtype = _TENSOR_DTYPES[tensor.datatype]
-        images = [
-            TensorImage(tuple(pixels.shape[1:]), dtype, pixels[i].tobytes())
+        images = [  # views of the request's tensor (C-contiguous rows), not copies
+            TensorImage(tuple(pixels.shape[1:]), dtype, memoryview(pixels[i]).cast("B"))
             for i in range(pixels.shape[0])
         ]
         return await model.encode_images(images, deadline, field=field)
