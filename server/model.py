@@ -322,7 +322,7 @@ class ClipModel:
             # what receiving it already cost the loop.
             try:
                 results[i] = self._prepare_one(image, item, deadline)
-            except ClipServeError as exc:
+            except Exception as exc:  # as gather would: the pool's jobs still run and are awaited
                 results[i] = exc
         if jobs:
             done = await asyncio.gather(*jobs, return_exceptions=True)
