@@ -24,7 +24,7 @@ when absolute figures do not. Models are exported with --pretrained none (random
 
 examples:
   clipserve bench --quick                 # CI-sized: tiny model only, short windows
-  clipserve bench                         # full: tiny, ViT-B-32, ViT-L-14 (memory)
+  clipserve bench                         # full: tiny, ViT-B-32, ViT-L-14 (sweep, memory)
   clipserve bench --skip pytorch,memory   # leave sections out
 """
 
@@ -61,6 +61,9 @@ def add_parser(subparsers: argparse._SubParsersAction, name: str, help_text: str
     parser.add_argument("--image-model", default=None,
                         help="model of the engine and PyTorch comparisons "
                         "(full ViT-B-32, quick tiny)")
+    parser.add_argument("--large-model", default=None,
+                        help="model swept last, at 1 and 4 clients with batches of at most 4 "
+                        "images and 16 texts (full ViT-L-14, quick none; 'none' leaves it out)")
     parser.add_argument("--intra-op-threads", type=int, default=None,
                         help="the servers' --intra-op-threads (default: the server's default)")
     parser.add_argument("--preprocess-workers", type=int, default=None,
@@ -93,6 +96,7 @@ def _plan(args: argparse.Namespace) -> Any:
         args.quick, args.work_dir, repositories=repositories, skip=skip, seconds=args.seconds,
         rounds=args.rounds, concurrency=concurrency, memory_requests=args.memory_requests,
         memory_model=args.memory_model, image_model=args.image_model,
+        large_model="" if args.large_model == "none" else args.large_model,
         intra_op_threads=args.intra_op_threads, preprocess_workers=args.preprocess_workers,
         vision_instances=args.vision_instances,
     )

@@ -73,6 +73,7 @@ class Plan:
     memory_requests: int = 10_000
     memory_model: str = "ViT-L-14"
     image_model: str = "ViT-B-32"  # engine fraction, vs PyTorch
+    large_model: str = "ViT-L-14"  # swept at few clients after the others; "" leaves it out
     intra_op_threads: int = 0
     preprocess_workers: int = 0
     vision_instances: int = 1  # the servers' and the raw engine's
@@ -82,7 +83,7 @@ class Plan:
         if quick:
             base: dict[str, Any] = dict(
                 seconds=0.6, warmup_s=0.2, rounds=1, concurrency=(1, 8), memory_requests=300,
-                memory_model=TINY, image_model=TINY,
+                memory_model=TINY, image_model=TINY, large_model="",
             )
         else:
             base = {}
@@ -99,6 +100,21 @@ class Plan:
             "vision_instances": self.vision_instances,
         }
 
+    def sweeps(self) -> list[Sweep]:
+        """The in-process servers of the run, in order, and what each one's sweep covers."""
+        image = self.image_model != TINY
+        plans = [Sweep(TINY, SWEEP_TINY, self.concurrency)]
+        if image:
+            plans.append(Sweep(self.image_model, SWEEP_IMAGE_MODEL, tuple(
+                c for c in self.concurrency if c <= IMAGE_MODEL_MAX_CLIENTS)))
+        if self.large_model and self.runs("sweep") and self.large_model not in (
+            TINY, self.image_model
+        ):
+            plans.append(Sweep(self.large_model, SWEEP_IMAGE_MODEL, tuple(
+                c for c in self.concurrency if c <= LARGE_MODEL_MAX_CLIENTS
+            ), LARGE_MODEL_SERVER))  # the sweep only: no other section applies to it
+        return plans
+
     def server_flags(self) -> list[str]:
         """`server_overrides` as `clipserve serve` flags (those that differ from its defaults),
         for the servers the bench starts as subprocesses."""
@@ -110,6 +126,17 @@ class Plan:
             if value != defaults[name]:
                 flags += [f"--{name.replace('_', '-')}", str(value)]
         return flags
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """One model's in-process server: its sweep's scenarios and client counts (the tiny and the
+    image model's servers also run the sections that apply to them)."""
+
+    model: str
+    scenarios: tuple[str, ...]
+    concurrency: tuple[int, ...]
+    server: dict[str, Any] = field(default_factory=dict)  # settings beside the plan's
 
 
 @dataclass
@@ -202,16 +229,16 @@ def skipped(outcome: Outcome, reason: str, *keys: str) -> None:
 
 
 # -- sections -------------------------------------------------------------------------------
-def sweep(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessServer,
-          model: str, scenarios: tuple[str, ...]) -> None:
+def sweep(outcome: Outcome, lg: LoadGenerator, server: InProcessServer, model: str,
+          scenarios: tuple[str, ...], levels: tuple[int, ...], seconds: float,
+          warmup_s: float) -> None:
     """Every scenario at every concurrency: the table and the plot."""
     size = image_size(Path(server.settings.model_repository))
-    levels = [c for c in plan.concurrency if model == TINY or c <= IMAGE_MODEL_MAX_CLIENTS]
     for scenario in scenarios:
         for concurrency in levels:
             sample = load_point(
-                lg, server.address, scenario, concurrency, seconds=plan.seconds,
-                warmup_s=plan.warmup_s, image_size=size, server=server,
+                lg, server.address, scenario, concurrency, seconds=seconds,
+                warmup_s=warmup_s, image_size=size, server=server,
             )
             outcome.point(model, "clipserve", scenario, concurrency, sample, sweep=True)
 
@@ -614,6 +641,10 @@ SWEEP_TINY = tuple(payloads.SCENARIOS)
 SWEEP_IMAGE_MODEL = ("tensor", "jpeg_640x480", "text_short")
 #: the larger model's sweep stops at 16 clients: every point waits for two answers per client
 IMAGE_MODEL_MAX_CLIENTS = 16
+#: ViT-L-14 serves about an image a second on 2 cores: its sweep stops at 4 clients, and its
+#: batches at 4 images and 16 texts, so that warm-up runs few large shapes
+LARGE_MODEL_MAX_CLIENTS = 4
+LARGE_MODEL_SERVER = {"vision_max_batch_size": 4, "text_max_batch_size": 16}
 
 
 def run_plan(plan: Plan, on_section: Callable[[Outcome], None] | None = None) -> Outcome:
@@ -621,12 +652,13 @@ def run_plan(plan: Plan, on_section: Callable[[Outcome], None] | None = None) ->
     outcome = Outcome(on_section=on_section)
     outcome.extra["photos"] = payloads.photos(8, 8)[1]
     with LoadGenerator() as lg:
-        models = [TINY] if plan.image_model == TINY else [TINY, plan.image_model]
-        for model in models:
+        for sweep_plan in plan.sweeps():
+            model = sweep_plan.model
             with section(outcome, f"{model} server"):
                 root = repository(plan, model)
-                with InProcessServer(root, **plan.server_overrides()) as server:
-                    _model_sections(plan, outcome, lg, server, model)
+                settings = {**plan.server_overrides(), **sweep_plan.server}
+                with InProcessServer(root, **settings) as server:
+                    _model_sections(plan, outcome, lg, server, sweep_plan)
         if plan.runs("preprocess"):
             with section(outcome, "preprocess", "preprocess_speedup"):
                 preprocessing(plan, outcome)
@@ -646,11 +678,14 @@ def run_plan(plan: Plan, on_section: Callable[[Outcome], None] | None = None) ->
 
 
 def _model_sections(plan: Plan, outcome: Outcome, lg: LoadGenerator, server: InProcessServer,
-                    model: str) -> None:
+                    sweep_plan: Sweep) -> None:
+    model = sweep_plan.model
     steps: list[tuple[str, tuple[str, ...], Callable[[], None]]] = []
     if plan.runs("sweep"):
-        scenarios = SWEEP_TINY if model == TINY else SWEEP_IMAGE_MODEL
-        steps.append(("sweep", (), lambda: sweep(plan, outcome, lg, server, model, scenarios)))
+        steps.append(("sweep", (), lambda: sweep(
+            outcome, lg, server, model, sweep_plan.scenarios, sweep_plan.concurrency,
+            plan.seconds, plan.warmup_s,
+        )))
     # Length buckets and the label cache save text-tower compute: their targets are measured on
     # the image model (ViT-B-32 in the full run), where that compute is what a request costs; on
     # the tiny model the per-request cost of gRPC and Python caps both ratios (shown as well).
