@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipserve.bench.runner import LARGE_MODEL_SERVER, SWEEP_IMAGE_MODEL, SWEEP_TINY, Plan
+from clipserve.bench.runner import SWEEP_IMAGE_MODEL, SWEEP_TINY, Plan
 
 
 def test_the_full_run_sweeps_vit_l_14_last_at_few_clients_and_small_batches() -> None:
@@ -14,8 +14,9 @@ def test_the_full_run_sweeps_vit_l_14_last_at_few_clients_and_small_batches() ->
         ("ViT-B-32", SWEEP_IMAGE_MODEL, (1, 4, 16)),
         ("ViT-L-14", SWEEP_IMAGE_MODEL, (1, 4)),
     ]
-    assert [s.server for s in sweeps] == [{}, {}, LARGE_MODEL_SERVER]
-    assert LARGE_MODEL_SERVER == {"vision_max_batch_size": 4, "text_max_batch_size": 16}
+    assert [s.server for s in sweeps] == [
+        {}, {}, {"vision_max_batch_size": 4, "text_max_batch_size": 16},
+    ]
 
 
 def test_the_quick_run_starts_the_tiny_model_only() -> None:

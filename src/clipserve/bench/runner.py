@@ -102,9 +102,8 @@ class Plan:
 
     def sweeps(self) -> list[Sweep]:
         """The in-process servers of the run, in order, and what each one's sweep covers."""
-        image = self.image_model != TINY
         plans = [Sweep(TINY, SWEEP_TINY, self.concurrency)]
-        if image:
+        if self.image_model != TINY:
             plans.append(Sweep(self.image_model, SWEEP_IMAGE_MODEL, tuple(
                 c for c in self.concurrency if c <= IMAGE_MODEL_MAX_CLIENTS)))
         if self.large_model and self.runs("sweep") and self.large_model not in (
@@ -641,7 +640,7 @@ SWEEP_TINY = tuple(payloads.SCENARIOS)
 SWEEP_IMAGE_MODEL = ("tensor", "jpeg_640x480", "text_short")
 #: the larger model's sweep stops at 16 clients: every point waits for two answers per client
 IMAGE_MODEL_MAX_CLIENTS = 16
-#: ViT-L-14 serves about an image a second on 2 cores: its sweep stops at 4 clients, and its
+#: ViT-L-14 serves a few images a second on 2 cores: its sweep stops at 4 clients, and its
 #: batches at 4 images and 16 texts, so that warm-up runs few large shapes
 LARGE_MODEL_MAX_CLIENTS = 4
 LARGE_MODEL_SERVER = {"vision_max_batch_size": 4, "text_max_batch_size": 16}
