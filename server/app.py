@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -430,8 +431,16 @@ def _http_api_class() -> type[HttpApi]:
     return HttpApi
 
 
+def set_switch_interval(microseconds: int) -> None:
+    """Set the interpreter's thread switch interval (`switch_interval_us`; 0 leaves it)."""
+    if microseconds > 0:
+        sys.setswitchinterval(microseconds / 1e6)
+        log.info("thread switch interval %d us", microseconds)
+
+
 async def serve(settings: ServerSettings) -> int:
     """Run until SIGTERM/SIGINT, then drain gracefully; the process exit status."""
+    set_switch_interval(settings.switch_interval_us)  # process-wide, so here, not per server
     server = ClipServer(settings)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

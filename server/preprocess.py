@@ -341,6 +341,9 @@ class ImagePreprocessor:
         except InvalidInput:
             image.close()
             raise
+        # One decoder call for the whole image instead of one per 64 KiB block: each call lets
+        # go of the interpreter lock, and taking it back waits while the event loop is busy.
+        image.decodermaxblock = max(image.decodermaxblock, len(data))
         return image
 
     def _check_pixels(self, width: int, height: int) -> None:

@@ -66,6 +66,13 @@ class ServerSettings:
         "inference threads and the event loop run first and image decoding fills the gaps "
         "(0 leaves them at the server's priority; 0-19)",
     )
+    switch_interval_us: int = _opt(
+        0,
+        "the interpreter's thread switch interval in microseconds (0 keeps Python's 5000): how "
+        "long a thread returning from C code (inference, decoding) may wait for the interpreter "
+        "lock while the event loop runs; lower it on many-core machines whose loop is busy "
+        "(docs/performance.md, 'The interpreter lock')",
+    )
     intra_op_spinning: bool = _opt(
         False,
         "let ONNX Runtime threads busy-wait for work between operators (faster only on cores "
@@ -275,7 +282,8 @@ class ServerSettings:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         for name in (
-            "intra_op_threads", "preprocess_workers", "max_queue_delay_us", "port", "metrics_port"
+            "intra_op_threads", "preprocess_workers", "max_queue_delay_us", "port", "metrics_port",
+            "switch_interval_us",
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

@@ -44,8 +44,7 @@ class VisionRunner:
         rows = bucket_for(n, self.batch_buckets) if self.pad else n
         # [n, 3, S, S] stacked straight into the bucket's reusable buffer [bucket, 3, S, S]
         batch = self.tower.batch_buffer((rows, 3, s, s), np.float32)
-        np.stack(values, out=batch[:n])
-        batch[n:] = 0.0  # padding rows
+        copy_rows(values, batch)
         out = list(self.tower.run(batch)[:n])
         if self.planner is not None:
             self.planner.record(None, rows, time.perf_counter() - started)
@@ -123,6 +122,37 @@ class TextRunner:
                 ids[:, -1] = self.eot_id
                 _warm(self.tower, ids, self.planner, length)
         return len(self.length_buckets) * len(self.batch_buckets)
+
+
+def copy_rows(values: Sequence[np.ndarray], out: np.ndarray) -> None:
+    """``out[i] = values[i]`` for each item, then zeros in the rows after them.
+
+    Each copy is a memoryview assignment, a plain memcpy under the interpreter lock. numpy's
+    own copy (``np.stack``, ``np.copyto``, a slice fill) lets go of the lock for a large array,
+    and taking it back waits for whichever thread holds it, up to the switch interval (5 ms by
+    default) while the event loop is busy: per item of a batch, that wait was most of a busy
+    server's host time (``benchmarks/gil_waits.py`` measures both). An item that is not a
+    C-contiguous row of `out`'s dtype goes through numpy.
+    """
+    dst = memoryview(out).cast("B") if out.flags.c_contiguous else None
+    step = out[0].nbytes if len(out) else 0
+    for i, value in enumerate(values):
+        if (
+            dst is not None
+            and value.dtype == out.dtype
+            and value.shape == out.shape[1:]
+            and value.flags.c_contiguous
+        ):
+            dst[i * step : (i + 1) * step] = memoryview(value).cast("B")
+        else:
+            out[i] = value
+    if len(values) < len(out):
+        if dst is None:
+            out[len(values) :] = 0
+            return
+        zero = memoryview(bytes(step))
+        for i in range(len(values), len(out)):
+            dst[i * step : (i + 1) * step] = zero
 
 
 #: With a planner, warm-up runs a shape once more when its run took less than this (seconds)

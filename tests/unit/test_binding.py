@@ -98,6 +98,28 @@ def test_vision_runner_stacks_into_a_reused_padded_buffer(model_path: Path) -> N
     assert runner.warm_up() == 3
 
 
+def test_copy_rows_copies_every_kind_of_item_and_zeroes_the_rest() -> None:
+    from clipserve.server.towers import copy_rows
+
+    rng = np.random.default_rng(3)
+    plain = rng.standard_normal((3, 4, 4), dtype=np.float32)
+    request = np.frombuffer(plain[::-1].tobytes(), np.float32).reshape(3, 4, 4)  # read-only view
+    wide = rng.standard_normal((3, 4, 4))  # float64: numpy converts it
+    swapped = plain.astype(">f4")  # big-endian: same values, other bytes
+    strided = rng.standard_normal((4, 4, 3), dtype=np.float32).transpose(2, 0, 1)
+    items = [plain, request, wide, swapped, strided]
+    out = np.full((7, 3, 4, 4), np.nan, np.float32)  # stale rows from an earlier batch
+    copy_rows(items, out)
+    np.testing.assert_array_equal(out[:5], np.stack(items).astype(np.float32))
+    assert not out[5:].any()
+    copy_rows([], out)
+    assert not out.any()
+    view = np.full((6, 3, 4, 4), np.nan, np.float32)[::2]  # not C-contiguous: numpy copies
+    copy_rows(items[:2], view)
+    np.testing.assert_array_equal(view[:2], np.stack(items[:2]))
+    assert not view[2:].any()
+
+
 def test_unpadded_runners_run_each_batch_at_its_own_size_in_one_buffer(
     model_path: Path,
 ) -> None:

@@ -387,6 +387,35 @@ def test_invalid_images_are_refused_with_a_precise_message(data: bytes, message:
     assert str(info.value.at("images[3]")) == f"images[3]: {message}"
 
 
+def test_the_decoder_gets_the_whole_image_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each decoder call lets go of the interpreter lock: one call, not one per 64 KiB."""
+    calls: list[int] = []
+    real = Image._getdecoder
+
+    class Counting:
+        def __init__(self, decoder: object) -> None:
+            self._decoder = decoder
+
+        def decode(self, data: bytes) -> object:
+            calls.append(len(data))
+            return self._decoder.decode(data)  # type: ignore[attr-defined]
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._decoder, name)
+
+    def getdecoder(mode: str, name: str, *args: object) -> object:
+        return Counting(real(mode, name, *args)) if name == "jpeg" else real(mode, name, *args)
+
+    monkeypatch.setattr(Image, "_getdecoder", getdecoder)
+    noise = np.random.default_rng(0).integers(0, 256, (1080, 1920, 3), dtype=np.uint8)
+    data = encode(Image.fromarray(noise), "RGB", "JPEG")
+    assert len(data) > 4 * ImageFile.MAXBLOCK
+    out = ImagePreprocessor(config()).decode(data)
+    assert calls == [len(data)]
+    monkeypatch.setattr(Image, "_getdecoder", real)
+    np.testing.assert_array_equal(out, ImagePreprocessor(config()).decode(data))
+
+
 def test_truncated_pixel_data_is_refused() -> None:
     data = encode(photo("chelsea", 300, 200), "RGB", "PNG")
     with pytest.raises(InvalidInput, match=r"^image is truncated or corrupt: "):

@@ -66,11 +66,26 @@ def test_every_field_is_a_flag_and_an_environment_variable() -> None:
         ({"CLIPSERVE_BATCH_BUCKETS": "1,x"}, "batch_buckets: cannot parse"),
         ({"CLIPSERVE_TEXT_LENGTH_BUCKETS": "1,8"}, "lengths must be >= 2"),
         ({"CLIPSERVE_PREPROCESS_NICE": "25"}, "preprocess_nice must be 0 to 19"),
+        ({"CLIPSERVE_SWITCH_INTERVAL_US": "-1"}, "switch_interval_us must be >= 0"),
     ],
 )
 def test_invalid_values_name_the_setting(environ: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         from_sources(parse([]), environ=environ)
+
+
+def test_switch_interval_setting_sets_the_interpreters() -> None:
+    from clipserve.server.app import set_switch_interval
+
+    settings = from_sources(parse(["--switch-interval-us", "500"]), environ={})
+    before = sys.getswitchinterval()
+    try:
+        set_switch_interval(settings.switch_interval_us)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+        set_switch_interval(0)  # the default leaves the interval as it is
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_buckets() -> None:
