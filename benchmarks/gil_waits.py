@@ -29,7 +29,7 @@ the time per batch spent stacking and the items/s served.
         [--repository model_repository/bench/tiny --scenario tensor --clients 16 \
          --seconds 6 --rounds 3]
 
-Needs the test extra (scikit-image, for the photos).
+The JPEGs are the bench's photos (scikit-image's, or synthetic ones where it is missing).
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from skimage import data as skdata
 
+from clipserve.bench import payloads
 from clipserve.repository import Preprocess
 from clipserve.server import towers
 from clipserve.server.preprocess import ImagePreprocessor
@@ -100,14 +100,6 @@ def pillow_load(data: bytes, block: int | None) -> None:
         image.load()
 
 
-def jpeg(width: int, height: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(skdata.chelsea()).resize((width, height), Image.BICUBIC).save(
-        buf, "JPEG", quality=90
-    )
-    return buf.getvalue()
-
-
 def steps(batches: list[int]) -> list[tuple[str, dict[str, Callable[[], object]]]]:
     """(step, {implementation: call}) for every step measured."""
     rng = np.random.default_rng(0)
@@ -121,7 +113,7 @@ def steps(batches: list[int]) -> list[tuple[str, dict[str, Callable[[], object]]
         }))
     pre = ImagePreprocessor(Preprocess(224, MEAN, STD, "bicubic", "shortest"))
     for width, height in ((640, 480), (1920, 1080)):
-        data = jpeg(width, height)
+        data = payloads.photos(width, height)[0][1]  # chelsea (or a synthetic image)
         out.append((f"JPEG {width}x{height} load", {
             "64 KiB reads": lambda d=data: pillow_load(d, None),
             "one read": lambda d=data: pillow_load(d, len(d)),

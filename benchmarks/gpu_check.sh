@@ -9,7 +9,9 @@
 #   3. runs benchmarks/gpu_check.py: fp16 vs fp32 parity on the GPU, images/s of the raw
 #      session at each batch bucket (session.run, I/O binding, CUDA graphs; the opset-23
 #      export beside, with the provider of each kind of node), images/s through gRPC (tensors
-#      and JPEGs), texts/s, GPU memory.
+#      and JPEGs), texts/s, GPU memory;
+#   4. runs benchmarks/gil_waits.py: what a busy interpreter costs the server's threads on this
+#      host's cores (batch stacking, JPEG decoding, at switch intervals of 5 and 0.5 ms).
 #
 # Prepare on a machine with PyPI (bash benchmarks/gpu_wheels.sh), then run from the
 # repository root:  bash benchmarks/gpu_check.sh   (results: $OUT/gpu_check.json, log on stdout)
@@ -112,4 +114,6 @@ SECONDS_PER_POINT=${SECONDS_PER_POINT:-2}
   --fp16-attention "$WORK/$MODEL-fp16-opset23" \
   --device "$DEVICE" --buckets "$BUCKETS" --seconds "$SECONDS_PER_POINT" \
   --processes "${PROCESSES:-6}" --out "$RESULTS/gpu_check.json"
+say "interpreter lock waits on this host"
+"$PY" benchmarks/gil_waits.py --repeats 7 | tee "$RESULTS/gil_waits.txt" || say "gil_waits failed"
 say "done"
