@@ -130,9 +130,9 @@ def copy_rows(values: Sequence[np.ndarray], out: np.ndarray) -> None:
     Each copy is a memoryview assignment, a plain memcpy under the interpreter lock. numpy's
     own copy (``np.stack``, ``np.copyto``, a slice fill) lets go of the lock for a large array,
     and taking it back waits for whichever thread holds it, up to the switch interval (5 ms by
-    default) while the event loop is busy: per item of a batch, that wait was most of a busy
-    server's host time (``benchmarks/gil_waits.py`` measures both). An item that is not a
-    C-contiguous row of `out`'s dtype goes through numpy.
+    default) while the event loop is busy: once per item of the batch (beside a thread running
+    Python, 128 images took ~650 ms that way instead of ~3.5 ms; ``benchmarks/gil_waits.py``).
+    An item that is not a C-contiguous row of `out`'s dtype goes through numpy.
     """
     dst = memoryview(out).cast("B") if out.flags.c_contiguous else None
     step = out[0].nbytes if len(out) else 0
