@@ -101,6 +101,7 @@ class BatchEvent:
     compute_ns: int
     queue_ns: tuple[int, ...]  # per item: time from submit to the start of the batch
     models: tuple[str | None, ...]  # per item: `RequestTrace.model` of its request
+    started: float = 0.0  # time.monotonic() when the batch was handed to the engine
 
 
 BatchObserver = Callable[[BatchEvent], None]
@@ -419,7 +420,7 @@ class DynamicBatcher(Generic[T, R]):
             if not item.future.done():
                 item.future.set_result(output)
         models = tuple(item.trace.model if item.trace else None for item in batch)
-        self._notify(BatchEvent(self.name, len(batch), compute_ns, queue_ns, models))
+        self._notify(BatchEvent(self.name, len(batch), compute_ns, queue_ns, models, started))
 
     def _failed(self, batch: list[_Item[T]], error: ClipServeError) -> None:
         """Fail every item of `batch` with `error`; tell the failure observers."""

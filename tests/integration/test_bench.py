@@ -112,3 +112,29 @@ def test_ab_servers_compares_two_settings_side_by_side(tiny_repository: Path) ->
     assert "(mean batch 1.0," in rounds[0]  # server A really runs with its own settings
     assert lines[-1].startswith("B / A: ")
     assert lines[-1].endswith("(text_short, 4 clients)")
+
+
+def test_engine_gaps_reads_the_engines_idle_time_between_batches(tiny_repository: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "engine_gaps.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--repository", str(tiny_repository),
+         "--scenario", "tensor", "--items", "8", "--clients", "6", "--seconds", "0.5",
+         "--rounds", "2", "--flags", "--vision-max-batch-size 8 --max-items-per-request 64"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    lines = done.stdout.splitlines()
+    assert lines[0] == "server: {'vision_max_batch_size': 8, 'max_items_per_request': 64}"
+    rounds = [line for line in lines if line.startswith("round ")]
+    assert len(rounds) == 2
+    for line in rounds:
+        assert "errors 0" in line
+        batch = float(re.search(r"mean batch ([\d.]+)", line).group(1))  # type: ignore[union-attr]
+        assert 1.0 <= batch <= 8.0  # the server's own limit holds
+        busy = int(re.search(r"engine busy (\d+)%", line).group(1))  # type: ignore[union-attr]
+        assert 0 < busy <= 100
+        assert re.search(r"gaps \d+: mean ", line)
+    assert lines[-1].endswith("(tensor x8, 6 clients)")

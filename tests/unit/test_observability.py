@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Hashable
 
 import grpc
@@ -32,6 +33,7 @@ async def test_observers_hear_each_batch_and_traces_get_their_items_times() -> N
     batcher.add_observer(events.append)
     batcher.add_observer(lambda _event: 1 / 0)  # a failing observer fails nothing
     async with batcher:
+        submitted = time.monotonic()
         first, second = RequestTrace(model="clip_vision"), RequestTrace()
         with trace_mod.bound(first):
             a = batcher.submit([1, 2, 3])
@@ -39,7 +41,12 @@ async def test_observers_hear_each_batch_and_traces_get_their_items_times() -> N
             b = batcher.submit([4, 5])
         untraced = batcher.submit([6])
         assert await asyncio.gather(*a, *b, *untraced) == [2, 4, 6, 8, 10, 12]
+        answered = time.monotonic()
     assert [e.size for e in events] == [4, 2]
+    for event in events:  # handed to the engine after the items came, done before the answer
+        assert submitted <= event.started
+        assert event.started + event.compute_ns / 1e9 <= answered
+    assert events[0].started + events[0].compute_ns / 1e9 <= events[1].started
     assert events[0].models == ("clip_vision",) * 3 + (None,)
     assert len(events[0].queue_ns) == 4
     assert (first.items, first.batches, second.items, second.batches) == (3, 1, 2, 2)
