@@ -9,6 +9,12 @@ batch's hand-off: time in which the engine could have been computing and was not
 requests make it visible: each one the event loop parses lengthens the loop iteration that
 every step between two batches has to wait for.
 
+The times are the event loop's: a batch starts when the loop hands it to its instance's thread
+and ends when the loop has its result. The thread's wake-up and its wait for the interpreter
+lock, before and after the engine's run, count as compute, so a gap is the part the loop adds.
+On a CPU the engine's idle time is not lost (the loop and the load generator use the cores);
+on a GPU it is.
+
     python benchmarks/engine_gaps.py --repository model_repository/bench/tiny \\
         --scenario tensor --items 16 --clients 6 --rounds 4 \\
         --flags "--vision-max-batch-size 64 --max-items-per-request 256"
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +40,26 @@ from clipserve.server.batcher import BatchEvent
 _TEXT_SCENARIOS = ("text_short", "text_77")
 
 
-def gaps_ms(events: list[tuple[float, BatchEvent]]) -> tuple[list[float], float]:
-    """(gaps in ms while work waited, the engine's busy seconds) of consecutive batches."""
+def gaps_ms(events: list[BatchEvent]) -> tuple[list[float], float]:
+    """(gaps in ms while work waited, the engine's busy share) over consecutive batches.
+
+    The busy share is the batches' compute time after the first one over the time from the
+    first batch's end to the last one's (summed over instances: two instances may read 200%).
+    """
     gaps: list[float] = []
-    busy = 0.0
     previous_end = None
-    for _, event in events:
-        end = event.started + event.compute_ns / 1e9
+    for event in events:
         first_queued = event.started - max(event.queue_ns, default=0) / 1e9
         if previous_end is not None and first_queued < previous_end <= event.started:
             gaps.append((event.started - previous_end) * 1e3)
-        busy += event.compute_ns / 1e9
-        previous_end = end
-    return gaps, busy
+        previous_end = event.started + event.compute_ns / 1e9
+    if len(events) < 2:
+        return gaps, float("nan")
+    span = (events[-1].started + events[-1].compute_ns / 1e9) - (
+        events[0].started + events[0].compute_ns / 1e9
+    )
+    busy = sum(event.compute_ns for event in events[1:]) / 1e9
+    return gaps, busy / max(span, 1e-9)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -69,30 +81,27 @@ def main() -> None:
     changed = overrides(args.flags)
     print(f"server: {changed or 'defaults'}", flush=True)
     tower = "text" if args.scenario in _TEXT_SCENARIOS else "vision"
-    events: list[tuple[float, BatchEvent]] = []
+    events: list[BatchEvent] = []
     server = InProcessServer(args.repository, **changed).start()
     model: Any = server.server.model
-    getattr(model, tower).add_observer(lambda event: events.append((time.monotonic(), event)))
+    getattr(model, tower).add_observer(events.append)
     loadgen = LoadGenerator()
     all_gaps: list[float] = []
     rates: list[float] = []
     try:
         for round_ in range(1, args.rounds + 1):
             events.clear()
-            opened = time.monotonic()
             sample = load_point(loadgen, server.address, args.scenario, args.clients,
                                 seconds=args.seconds, warmup_s=1.0, server=server,
                                 items=args.items)
-            window = time.monotonic() - opened
             stats = sample.stats()
             steady = events[len(events) // 5:]  # the warm-up's batches out
             gaps, busy = gaps_ms(steady)
-            seen = steady[-1][0] - steady[0][0] if len(steady) > 1 else window
             all_gaps += gaps
             rates.append(stats.items_per_s)
             print(f"round {round_}: {stats.items_per_s:8.1f} items/s, mean batch "
                   f"{stats.mean_batch or 0:.1f}, p50 {stats.p50_ms:.1f} ms, errors "
-                  f"{stats.errors}, engine busy {busy / max(seen, 1e-9):.0%}, "
+                  f"{stats.errors}, engine busy {busy:.0%}, "
                   f"gaps {len(gaps)}: mean "
                   f"{statistics.fmean(gaps) if gaps else float('nan'):.2f} ms, p50 "
                   f"{percentile(gaps, 0.5):.2f}, p95 {percentile(gaps, 0.95):.2f}", flush=True)

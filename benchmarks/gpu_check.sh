@@ -11,7 +11,9 @@
 #      export beside, with the provider of each kind of node), images/s through gRPC (tensors
 #      and JPEGs), texts/s, GPU memory;
 #   4. runs benchmarks/gil_waits.py: what a busy interpreter costs the server's threads on this
-#      host's cores (batch stacking, JPEG decoding, at switch intervals of 5 and 0.5 ms).
+#      host's cores (batch stacking, JPEG decoding, at switch intervals of 5 and 0.5 ms);
+#   5. runs benchmarks/engine_gaps.py on the fp16 export: how long the GPU waits between two
+#      batches while tensors queue for it.
 #
 # Prepare on a machine with PyPI (bash benchmarks/gpu_wheels.sh), then run from the
 # repository root:  bash benchmarks/gpu_check.sh   (results: $OUT/gpu_check.json, log on stdout)
@@ -116,4 +118,9 @@ SECONDS_PER_POINT=${SECONDS_PER_POINT:-2}
   --processes "${PROCESSES:-6}" --out "$RESULTS/gpu_check.json"
 say "interpreter lock waits on this host"
 "$PY" benchmarks/gil_waits.py --repeats 7 | tee "$RESULTS/gil_waits.txt" || say "gil_waits failed"
+say "the engine's idle time between batches (fp16, tensors)"
+"$PY" benchmarks/engine_gaps.py --repository "$WORK/$MODEL-fp16" --scenario tensor --items 8 \
+  --clients 32 --seconds 3 --rounds 2 \
+  --flags "--device $DEVICE --vision-max-batch-size ${BUCKETS##*,} --max-items-per-request 256 --max-queue-size 8192" \
+  | tee "$RESULTS/engine_gaps.txt" || say "engine_gaps failed"
 say "done"

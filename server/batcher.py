@@ -19,7 +19,10 @@ Contract:
   event loop. One further batch is formed while every instance is busy (prefetch of one); it
   stays open until an instance is free: items of its group that arrive meanwhile join it, up to
   `max_batch_size` (it could not run earlier anyway; on a slow engine this keeps batches full
-  instead of fragmenting the clients over many small ones).
+  instead of fragmenting the clients over many small ones). The callback that receives a
+  finished batch from its thread hands that waiting batch to the freed instance before it
+  answers the finished one, so the engine idles one loop iteration between two batches, not
+  the several that waking the batching task would take on a busy loop.
 - An exception fans out to every item of the failed batch; an output whose length differs from
   the batch fails the batch too.
 - Observers (`add_observer`) hear of every computed batch as a `BatchEvent`, on the event loop;
@@ -32,6 +35,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -117,6 +121,15 @@ class _Item(Generic[T]):
     trace: RequestTrace | None = None
 
 
+@dataclass(eq=False)
+class _Run(Generic[T]):
+    """A batch handed to an instance's thread."""
+
+    batch: list[_Item[T]]
+    instance: int
+    started: float  # time.monotonic() when it was submitted
+
+
 class DynamicBatcher(Generic[T, R]):
     """Batches items submitted from many requests into calls of `batch_fn`."""
 
@@ -151,7 +164,8 @@ class DynamicBatcher(Generic[T, R]):
         self._computing = 0  # batches handed to an instance and not finished
         self._free = list(range(n - 1, -1, -1))  # idle instances; the last one freed goes next
         self._held: list[_Item[T]] = []  # the next batch, formed, waiting for the engine
-        self._running: set[asyncio.Future[Any]] = set()
+        self._handed_off = False  # `_held` was launched by a finishing batch
+        self._running: set[_Run[T]] = set()  # batches on an instance's thread
         self._executors = [
             ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"infer-{name}" + (f"-{i}" if n > 1 else "")
@@ -209,10 +223,12 @@ class DynamicBatcher(Generic[T, R]):
                 await self._task
             self._task = None
         self._fail_queued(NotReady(f"{self.name} model is shutting down"))
-        for running in list(self._running):  # their items fail with NotReady
-            running.cancel()
-        if self._running:
-            await asyncio.wait(list(self._running))
+        shut_down = NotReady(f"{self.name} model shut down before this batch finished")
+        for run in list(self._running):  # past the grace period: their items fail
+            for item in run.batch:
+                if not item.future.done():
+                    item.future.set_exception(shut_down)
+        self._running.clear()
         # a batch still inside the engine finishes on its thread; nothing waits for it
         for executor in self._executors:
             executor.shutdown(wait=False, cancel_futures=True)
@@ -264,6 +280,7 @@ class DynamicBatcher(Generic[T, R]):
             await self._slots.acquire()
             try:
                 batch = self._held = await self._next_batch()
+                self._handed_off = False
                 if batch:
                     await self._top_up(batch)
             except BaseException:
@@ -273,26 +290,111 @@ class DynamicBatcher(Generic[T, R]):
                         item.future.set_exception(NotReady(f"{self.name} model is shutting down"))
                 self._held = []
                 raise
-            self._held = []
-            now = time.monotonic()  # callers may have left while the batch waited: skip them
-            batch = [item for item in batch if self._wanted(item, now)]
-            if self._size_for is not None and len(batch) > 1:
-                batch = self._trim(batch, self._size_for(batch[0].group, len(batch)))
-            if not batch:  # every item was cancelled or expired
-                self._slots.release()
-                self._check_idle()
+            if self._handed_off:  # a finishing batch launched it (`_completed`)
                 continue
-            self._computing += 1
-            running = asyncio.ensure_future(self._run(batch))
-            self._running.add(running)
-            running.add_done_callback(self._finished)
+            batch, self._held = self._held, []
+            self._launch(batch)
 
-    def _finished(self, running: asyncio.Future[Any]) -> None:
-        self._running.discard(running)
+    def _launch(self, batch: list[_Item[T]]) -> None:
+        """Drop the items nobody awaits, trim, and hand the batch to a free instance."""
+        now = time.monotonic()  # callers may have left while the batch waited: skip them
+        batch = [item for item in batch if self._wanted(item, now)]
+        if self._size_for is not None and len(batch) > 1:
+            batch = self._trim(batch, self._size_for(batch[0].group, len(batch)))
+        if not batch:  # every item was cancelled or expired
+            self._slots.release()
+            self._check_idle()
+            return
+        self._dispatch(batch)
+
+    def _dispatch(self, batch: list[_Item[T]]) -> None:
+        """Submit `batch` to a free instance's thread; `_completed` runs on the loop after it.
+
+        Plain callbacks instead of a task awaiting `run_in_executor`: the batch's results reach
+        the loop one callback after the thread finishes, and that same callback launches the
+        batch that waited for the engine, so the engine does not idle for the loop iterations
+        that waking tasks would take.
+        """
+        loop = asyncio.get_running_loop()
+        instance = self._free.pop()  # one is free: at most `instances` batches are computing
+        run = _Run(batch, instance, time.monotonic())
+        self._computing += 1
+        self._running.add(run)
+        values = [item.value for item in batch]
+
+        def finished(job: concurrent.futures.Future[Sequence[R]]) -> None:  # on its thread
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
+                loop.call_soon_threadsafe(self._completed, run, job)
+
+        try:
+            job = self._executors[instance].submit(
+                self._batch_fns[instance], values, batch[0].group
+            )
+        except RuntimeError:  # the executor shut down (closing)
+            self._running.discard(run)
+            self._computing -= 1
+            self._free.append(instance)
+            self._failed(batch, NotReady(f"{self.name} model is shutting down"))
+            self._slots.release()
+            self._check_idle()
+            return
+        job.add_done_callback(finished)
+
+    def _completed(self, run: _Run[T], job: concurrent.futures.Future[Sequence[R]]) -> None:
+        """A batch came back from its thread (on the loop): free its instance, launch the
+        batch that waited for the engine on it, then answer the finished batch's items."""
+        if run not in self._running:  # failed by `close` past its grace period
+            return
+        finished = time.monotonic()
+        self._running.discard(run)
+        self._free.append(run.instance)
         self._computing -= 1
-        self._arrived.set()  # the engine is free: a batch waiting in `_top_up` goes now
         self._slots.release()
+        self._arrived.set()  # the batching task waits for this in `_top_up` and `_next_batch`
+        if self._held and not self._handed_off:  # first the engine, then the bookkeeping
+            batch, self._held = self._held, []
+            self._handed_off = True
+            queue = self._queues.get(batch[0].group)
+            if queue and len(batch) < self.config.max_batch_size:
+                batch += self._take(queue, self.config.max_batch_size - len(batch))
+            self._launch(batch)
+        self._answer(run, job, finished)
         self._check_idle()
+
+    def _answer(
+        self, run: _Run[T], job: concurrent.futures.Future[Sequence[R]], finished: float
+    ) -> None:
+        batch = run.batch
+        try:
+            outputs = job.result()
+            if len(outputs) != len(batch):
+                raise ModelFailure(
+                    f"{self.name} returned {len(outputs)} outputs for a batch of {len(batch)}"
+                )
+        except Exception as exc:  # fan the failure out to every item of the batch
+            if not isinstance(exc, ClipServeError):
+                log.error("%s batch of %d failed", self.name, len(batch), exc_info=exc)
+            error = exc if isinstance(exc, ClipServeError) else ModelFailure(
+                f"{self.name} inference failed"
+            )
+            self._failed(batch, error)
+            return
+        started = run.started
+        compute_ns = int((finished - started) * 1e9)
+        queue_ns = tuple(int((started - item.enqueued) * 1e9) for item in batch)
+        stats = self.stats
+        stats.execution_count += 1
+        stats.consecutive_failures = 0
+        stats.inference_count += len(batch)
+        stats.compute_ns += compute_ns
+        stats.batch_sizes[len(batch)] = stats.batch_sizes.get(len(batch), 0) + 1
+        stats.queue_ns += sum(queue_ns)
+        self._trace(batch, queue_ns, compute_ns)
+        for item, output in zip(batch, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(output)
+        models = tuple(item.trace.model if item.trace else None for item in batch)
+        self._notify(BatchEvent(self.name, len(batch), compute_ns, queue_ns, models, started))
 
     def _check_idle(self) -> None:
         if not self._queued and not self._running and not self._held:
@@ -330,7 +432,7 @@ class DynamicBatcher(Generic[T, R]):
         whose callers leave meanwhile are still dropped before compute.
         """
         queue = self._queues[batch[0].group]
-        while self._computing >= len(self._batch_fns):
+        while not self._handed_off and self._computing >= len(self._batch_fns):
             if queue and len(batch) < self.config.max_batch_size:
                 batch += self._take(queue, self.config.max_batch_size - len(batch))
                 continue
@@ -373,54 +475,6 @@ class DynamicBatcher(Generic[T, R]):
             )
             return False
         return True
-
-    async def _run(self, batch: list[_Item[T]]) -> None:
-        loop = asyncio.get_running_loop()
-        # the group decides padding (e.g. text length bucket)
-        group = batch[0].group
-        values = [item.value for item in batch]
-        instance = self._free.pop()  # one is free: at most `instances` batches are computing
-        started = time.monotonic()
-        try:
-            outputs = await loop.run_in_executor(
-                self._executors[instance], self._batch_fns[instance], values, group
-            )
-            if len(outputs) != len(batch):
-                raise ModelFailure(
-                    f"{self.name} returned {len(outputs)} outputs for a batch of {len(batch)}"
-                )
-        except asyncio.CancelledError:  # closed past its grace period
-            shutting_down = NotReady(f"{self.name} model shut down before this batch finished")
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(shutting_down)
-            raise
-        except Exception as exc:  # fan the failure out to every item of the batch
-            if not isinstance(exc, ClipServeError):
-                log.exception("%s batch of %d failed", self.name, len(batch))
-            error = exc if isinstance(exc, ClipServeError) else ModelFailure(
-                f"{self.name} inference failed"
-            )
-            self._failed(batch, error)
-            return
-        finally:
-            self._free.append(instance)
-        finished = time.monotonic()
-        compute_ns = int((finished - started) * 1e9)
-        queue_ns = tuple(int((started - item.enqueued) * 1e9) for item in batch)
-        stats = self.stats
-        stats.execution_count += 1
-        stats.consecutive_failures = 0
-        stats.inference_count += len(batch)
-        stats.compute_ns += compute_ns
-        stats.batch_sizes[len(batch)] = stats.batch_sizes.get(len(batch), 0) + 1
-        stats.queue_ns += sum(queue_ns)
-        self._trace(batch, queue_ns, compute_ns)
-        for item, output in zip(batch, outputs, strict=True):
-            if not item.future.done():
-                item.future.set_result(output)
-        models = tuple(item.trace.model if item.trace else None for item in batch)
-        self._notify(BatchEvent(self.name, len(batch), compute_ns, queue_ns, models, started))
 
     def _failed(self, batch: list[_Item[T]], error: ClipServeError) -> None:
         """Fail every item of `batch` with `error`; tell the failure observers."""

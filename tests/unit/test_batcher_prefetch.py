@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Hashable
 
 from clipserve.server.errors import NotReady
 from tests.unit.test_batcher import Recorder, make
@@ -85,3 +87,45 @@ async def test_closing_with_grace_computes_the_waiting_batch() -> None:
     threading.Timer(0.2, rec.gate.set).start()
     await batcher.close(grace_s=5)
     assert await asyncio.gather(*futures) == [2, 4]
+
+
+async def test_a_busy_loop_hands_the_waiting_batch_to_the_engine_within_two_iterations() -> None:
+    """The callback that receives a finished batch launches the waiting one itself: on a busy
+    loop (each iteration blocked 5 ms, as by parsing large requests) the engine idles for at
+    most two iterations, not the several that waking the batching task would take."""
+    iterations = 0
+    starts: list[int] = []  # the loop's iteration count when the engine began each batch
+    ends: list[int] = []
+
+    class Counting(Recorder):
+        def __call__(self, values: list[int], group: Hashable) -> list[int]:
+            starts.append(iterations)
+            out = super().__call__(values, group)
+            ends.append(iterations)
+            return out
+
+    busy = True
+
+    async def busy_loop() -> None:  # one step per loop iteration
+        nonlocal iterations
+        while busy:
+            time.sleep(0.005)  # noqa: ASYNC251 - blocks the loop (on purpose), not the lock
+            iterations += 1
+            await asyncio.sleep(0)
+
+    rec = Counting()
+    rec.gate = threading.Event()
+    async with make(rec, size=4, delay=0.0) as batcher:
+        first = batcher.submit([1])  # runs at once and blocks on the gate
+        await asyncio.sleep(0.05)
+        second = batcher.submit([2])  # formed, waits for the engine
+        await asyncio.sleep(0.05)
+        hog = asyncio.create_task(busy_loop())
+        await asyncio.sleep(0.05)
+        rec.gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*first, *second), 5)
+        busy = False
+        await hog
+    assert results == [2, 4]
+    assert [values for values, _ in rec.batches] == [[1], [2]]
+    assert starts[1] - ends[0] <= 2, (starts, ends)
