@@ -9,9 +9,10 @@ batch's hand-off: time in which the engine could have been computing and was not
 requests make it visible: each one the event loop parses lengthens the loop iteration that
 every step between two batches has to wait for.
 
-The times are the event loop's: a batch starts when the loop hands it to its instance's thread
-and ends when the loop has its result. The thread's wake-up and its wait for the interpreter
-lock, before and after the engine's run, count as compute, so a gap is the part the loop adds.
+A batch starts when the loop hands it to its instance's thread, or when that thread, done
+with the batch before, claims it; it ends when the thread has its outputs. A thread's wake-up
+and its wait for the interpreter lock before the engine's run count as compute; the gap is
+the rest: handing the result to the loop, the loop's way to the next batch, the hand-off.
 On a CPU the engine's idle time is not lost (the loop and the load generator use the cores);
 on a GPU it is.
 

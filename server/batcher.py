@@ -19,10 +19,11 @@ Contract:
   event loop. One further batch is formed while every instance is busy (prefetch of one); it
   stays open until an instance is free: items of its group that arrive meanwhile join it, up to
   `max_batch_size` (it could not run earlier anyway; on a slow engine this keeps batches full
-  instead of fragmenting the clients over many small ones). The callback that receives a
-  finished batch from its thread hands that waiting batch to the freed instance before it
-  answers the finished one, so the engine idles one loop iteration between two batches, not
-  the several that waking the batching task would take on a busy loop.
+  instead of fragmenting the clients over many small ones). An inference thread that finishes
+  a batch claims that waiting batch itself and computes it at once, so the engine does not
+  wait for the event loop between two batches (not while batch trimming is on, nor while a
+  `run_exclusive` job waits for the thread); otherwise the callback that receives a finished
+  batch launches the waiting one before it answers the finished one.
 - An exception fans out to every item of the failed batch; an output whose length differs from
   the batch fails the batch too.
 - Observers (`add_observer`) hear of every computed batch as a `BatchEvent`, on the event loop;
@@ -35,9 +36,9 @@ Contract:
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
@@ -102,10 +103,11 @@ class BatchEvent:
 
     batcher: str
     size: int
-    compute_ns: int
+    compute_ns: int  # from `started` until the inference thread had the outputs
     queue_ns: tuple[int, ...]  # per item: time from submit to the start of the batch
     models: tuple[str | None, ...]  # per item: `RequestTrace.model` of its request
-    started: float = 0.0  # time.monotonic() when the batch was handed to the engine
+    # time.monotonic() when the batch was handed to its inference thread, or claimed by it
+    started: float = 0.0
 
 
 BatchObserver = Callable[[BatchEvent], None]
@@ -127,7 +129,8 @@ class _Run(Generic[T]):
 
     batch: list[_Item[T]]
     instance: int
-    started: float  # time.monotonic() when it was submitted
+    started: float  # time.monotonic() when it was handed to the instance's thread
+    dropped: list[_Item[T]] = field(default_factory=list)  # claimed, but cancelled or expired
 
 
 class DynamicBatcher(Generic[T, R]):
@@ -164,7 +167,12 @@ class DynamicBatcher(Generic[T, R]):
         self._computing = 0  # batches handed to an instance and not finished
         self._free = list(range(n - 1, -1, -1))  # idle instances; the last one freed goes next
         self._held: list[_Item[T]] = []  # the next batch, formed, waiting for the engine
-        self._handed_off = False  # `_held` was launched by a finishing batch
+        self._handed_off = False  # `_held` went to the engine (claimed by a thread, or launched)
+        # `_held` and `_handed_off` are shared with the inference threads, which claim the held
+        # batch when they finish theirs: the loop holds this lock while it changes them
+        self._lock = threading.Lock()
+        self._exclusive = 0  # `run_exclusive` jobs waiting: the threads claim nothing meanwhile
+        self._closed = False
         self._running: set[_Run[T]] = set()  # batches on an instance's thread
         self._executors = [
             ThreadPoolExecutor(
@@ -195,10 +203,15 @@ class DynamicBatcher(Generic[T, R]):
         (e.g. rebuild its session); the instances run it side by side. Raises the first
         failure, after every instance has finished its job."""
         loop = asyncio.get_running_loop()
-        runs = [
-            loop.run_in_executor(executor, job, i) for i, executor in enumerate(self._executors)
-        ]
-        results = await asyncio.gather(*runs, return_exceptions=True)
+        self._exclusive += 1  # a thread running batches back to back returns to its queue
+        try:
+            runs = [
+                loop.run_in_executor(executor, job, i)
+                for i, executor in enumerate(self._executors)
+            ]
+            results = await asyncio.gather(*runs, return_exceptions=True)
+        finally:
+            self._exclusive -= 1
         for result in results:
             if isinstance(result, BaseException):
                 raise result
@@ -217,6 +230,7 @@ class DynamicBatcher(Generic[T, R]):
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), grace_s)
+        self._closed = True  # the threads claim no further batch
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -279,20 +293,23 @@ class DynamicBatcher(Generic[T, R]):
         while True:
             await self._slots.acquire()
             try:
-                batch = self._held = await self._next_batch()
-                self._handed_off = False
+                batch = await self._next_batch()
+                with self._lock:
+                    self._held, self._handed_off = batch, False
                 if batch:
                     await self._top_up(batch)
             except BaseException:
                 self._slots.release()
-                for item in self._held:  # closed while the batch waited for the engine
+                with self._lock:
+                    held, self._held, self._handed_off = self._held, [], True
+                for item in held:  # closed while the batch waited for the engine
                     if not item.future.done():
                         item.future.set_exception(NotReady(f"{self.name} model is shutting down"))
-                self._held = []
                 raise
-            if self._handed_off:  # a finishing batch launched it (`_completed`)
-                continue
-            batch, self._held = self._held, []
+            with self._lock:
+                if self._handed_off:  # a thread claimed it, or `_completed` launched it
+                    continue
+                batch, self._held, self._handed_off = self._held, [], True
             self._launch(batch)
 
     def _launch(self, batch: list[_Item[T]]) -> None:
@@ -308,28 +325,13 @@ class DynamicBatcher(Generic[T, R]):
         self._dispatch(batch)
 
     def _dispatch(self, batch: list[_Item[T]]) -> None:
-        """Submit `batch` to a free instance's thread; `_completed` runs on the loop after it.
-
-        Plain callbacks instead of a task awaiting `run_in_executor`: the batch's results reach
-        the loop one callback after the thread finishes, and that same callback launches the
-        batch that waited for the engine, so the engine does not idle for the loop iterations
-        that waking tasks would take.
-        """
-        loop = asyncio.get_running_loop()
+        """Start `_work` on a free instance's thread with `batch`."""
         instance = self._free.pop()  # one is free: at most `instances` batches are computing
         run = _Run(batch, instance, time.monotonic())
         self._computing += 1
         self._running.add(run)
-        values = [item.value for item in batch]
-
-        def finished(job: concurrent.futures.Future[Sequence[R]]) -> None:  # on its thread
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody awaits it
-                loop.call_soon_threadsafe(self._completed, run, job)
-
         try:
-            job = self._executors[instance].submit(
-                self._batch_fns[instance], values, batch[0].group
-            )
+            self._executors[instance].submit(self._work, asyncio.get_running_loop(), run)
         except RuntimeError:  # the executor shut down (closing)
             self._running.discard(run)
             self._computing -= 1
@@ -337,50 +339,119 @@ class DynamicBatcher(Generic[T, R]):
             self._failed(batch, NotReady(f"{self.name} model is shutting down"))
             self._slots.release()
             self._check_idle()
-            return
-        job.add_done_callback(finished)
 
-    def _completed(self, run: _Run[T], job: concurrent.futures.Future[Sequence[R]]) -> None:
-        """A batch came back from its thread (on the loop): free its instance, launch the
-        batch that waited for the engine on it, then answer the finished batch's items."""
+    def _work(self, loop: asyncio.AbstractEventLoop, first: _Run[T]) -> None:
+        """On an instance's thread: compute `run`, then, while a batch waits for the engine,
+        claim it and compute it too, without going back to the loop in between.
+
+        Each result goes to the loop as one `_completed` callback, which also learns which batch
+        the thread claimed. Claiming here, not on the loop, is what keeps the engine busy: the
+        loop may be in the middle of a long iteration (parsing large requests) when a batch
+        ends, and a thread that went back to sleep would then wait for it to submit the next
+        batch, and wait again for the interpreter lock to start it.
+        """
+        batch_fn = self._batch_fns[first.instance]
+        run: _Run[T] | None = first
+        while run is not None:
+            outputs: Sequence[R] | None = None
+            error: BaseException | None = None
+            try:
+                outputs = batch_fn([item.value for item in run.batch], run.batch[0].group)
+            except Exception as exc:  # reported on the loop, which fans it out
+                error = exc
+            ended = time.monotonic()
+            following = self._claim(run.instance, ended)
+            try:
+                loop.call_soon_threadsafe(self._completed, run, outputs, error, ended, following)
+            except RuntimeError:  # the loop closed: nobody awaits the results
+                return
+            run = following if following is not None and following.batch else None
+
+    def _claim(self, instance: int, now: float) -> _Run[T] | None:
+        """On an instance's thread: take the batch that waits for the engine, if any.
+
+        Not while trimming (`size_for`: the rest would go back to the loop's queue) or while a
+        `run_exclusive` job waits for this thread. Items whose caller left or whose deadline
+        passed are set apart for the loop, which counts them and fails the expired ones.
+        """
+        if self._size_for is not None or self._exclusive or self._closed:
+            return None
+        with self._lock:
+            if self._handed_off or not self._held:
+                return None
+            batch, self._held, self._handed_off = self._held, [], True
+        kept: list[_Item[T]] = []
+        dropped: list[_Item[T]] = []
+        for item in batch:
+            gone = item.future.done() or (item.expires is not None and now >= item.expires)
+            (dropped if gone else kept).append(item)
+        return _Run(kept, instance, now, dropped)
+
+    def _completed(
+        self, run: _Run[T], outputs: Sequence[R] | None, error: BaseException | None,
+        ended: float, following: _Run[T] | None,
+    ) -> None:
+        """On the loop: a batch came back from its thread, which may have claimed the next
+        one. Launch the waiting batch if the instance is free, then answer the finished one."""
         if run not in self._running:  # failed by `close` past its grace period
+            if following is not None:  # claimed as the batcher closed: nobody will answer it
+                shut_down = NotReady(f"{self.name} model is shutting down")
+                for item in following.batch + following.dropped:
+                    if not item.future.done():
+                        item.future.set_exception(shut_down)
             return
-        finished = time.monotonic()
         self._running.discard(run)
-        self._free.append(run.instance)
-        self._computing -= 1
         self._slots.release()
+        self._hand_over(run.instance, following)
         self._arrived.set()  # the batching task waits for this in `_top_up` and `_next_batch`
-        if self._held and not self._handed_off:  # first the engine, then the bookkeeping
-            batch, self._held = self._held, []
-            self._handed_off = True
-            queue = self._queues.get(batch[0].group)
-            if queue and len(batch) < self.config.max_batch_size:
-                batch += self._take(queue, self.config.max_batch_size - len(batch))
-            self._launch(batch)
-        self._answer(run, job, finished)
+        if self._computing < len(self._batch_fns):  # first the engine, then the bookkeeping
+            self._launch_held()
+        self._answer(run, outputs, error, ended)
         self._check_idle()
 
+    def _hand_over(self, instance: int, following: _Run[T] | None) -> None:
+        """The instance goes on with the batch its thread claimed, or it is free."""
+        if following is not None:
+            now = time.monotonic()
+            for item in following.dropped:  # counted, and the expired ones failed
+                self._wanted(item, now)
+            if following.batch:
+                self._running.add(following)
+                return
+            self._slots.release()  # claimed, and nothing in it was still wanted
+        self._free.append(instance)
+        self._computing -= 1
+
+    def _launch_held(self) -> None:
+        """Launch the batch that waits for the engine (an instance is free), topped up."""
+        with self._lock:
+            if self._handed_off or not self._held:
+                return
+            batch, self._held, self._handed_off = self._held, [], True
+        queue = self._queues.get(batch[0].group)
+        if queue and len(batch) < self.config.max_batch_size:
+            batch += self._take(queue, self.config.max_batch_size - len(batch))
+        self._launch(batch)
+
     def _answer(
-        self, run: _Run[T], job: concurrent.futures.Future[Sequence[R]], finished: float
+        self, run: _Run[T], outputs: Sequence[R] | None, error: BaseException | None,
+        ended: float,
     ) -> None:
         batch = run.batch
-        try:
-            outputs = job.result()
-            if len(outputs) != len(batch):
-                raise ModelFailure(
-                    f"{self.name} returned {len(outputs)} outputs for a batch of {len(batch)}"
-                )
-        except Exception as exc:  # fan the failure out to every item of the batch
-            if not isinstance(exc, ClipServeError):
-                log.error("%s batch of %d failed", self.name, len(batch), exc_info=exc)
-            error = exc if isinstance(exc, ClipServeError) else ModelFailure(
-                f"{self.name} inference failed"
+        if error is None and (outputs is None or len(outputs) != len(batch)):
+            error = ModelFailure(
+                f"{self.name} returned {0 if outputs is None else len(outputs)} outputs for a "
+                f"batch of {len(batch)}"
             )
-            self._failed(batch, error)
+        if error is not None or outputs is None:  # fan the failure out to every item
+            if not isinstance(error, ClipServeError):
+                log.error("%s batch of %d failed", self.name, len(batch), exc_info=error)
+            self._failed(batch, error if isinstance(error, ClipServeError) else ModelFailure(
+                f"{self.name} inference failed"
+            ))
             return
         started = run.started
-        compute_ns = int((finished - started) * 1e9)
+        compute_ns = int((ended - started) * 1e9)
         queue_ns = tuple(int((started - item.enqueued) * 1e9) for item in batch)
         stats = self.stats
         stats.execution_count += 1
@@ -429,13 +500,17 @@ class DynamicBatcher(Generic[T, R]):
         """While every instance is busy, add newly queued items of the batch's group to it.
 
         A full batch waits for an instance too (held, not handed to an executor), so that items
-        whose callers leave meanwhile are still dropped before compute.
+        whose callers leave meanwhile are still dropped before compute. Returns when an
+        instance is free, or when the batch went to the engine without this task.
         """
         queue = self._queues[batch[0].group]
-        while not self._handed_off and self._computing >= len(self._batch_fns):
-            if queue and len(batch) < self.config.max_batch_size:
-                batch += self._take(queue, self.config.max_batch_size - len(batch))
-                continue
+        while True:
+            with self._lock:
+                if self._handed_off or self._computing < len(self._batch_fns):
+                    return
+                if queue and len(batch) < self.config.max_batch_size:
+                    batch += self._take(queue, self.config.max_batch_size - len(batch))
+                    continue
             self._arrived.clear()  # set again by `submit` and when a batch finishes
             await self._arrived.wait()
 
