@@ -341,7 +341,7 @@ class DynamicBatcher(Generic[T, R]):
             self._check_idle()
 
     def _work(self, loop: asyncio.AbstractEventLoop, first: _Run[T]) -> None:
-        """On an instance's thread: compute `run`, then, while a batch waits for the engine,
+        """On an instance's thread: compute `first`, then, while a batch waits for the engine,
         claim it and compute it too, without going back to the loop in between.
 
         Each result goes to the loop as one `_completed` callback, which also learns which batch
