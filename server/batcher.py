@@ -164,7 +164,6 @@ class DynamicBatcher(Generic[T, R]):
         self._idle = asyncio.Event()  # set whenever nothing is queued or running
         n = len(self._batch_fns)
         self._slots = asyncio.Semaphore(n + 1)  # a batch running per instance + one prefetched
-        self._computing = 0  # batches handed to an instance and not finished
         self._free = list(range(n - 1, -1, -1))  # idle instances; the last one freed goes next
         self._held: list[_Item[T]] = []  # the next batch, formed, waiting for the engine
         self._handed_off = False  # `_held` went to the engine (claimed by a thread, or launched)
@@ -173,7 +172,7 @@ class DynamicBatcher(Generic[T, R]):
         self._lock = threading.Lock()
         self._exclusive = 0  # `run_exclusive` jobs waiting: the threads claim nothing meanwhile
         self._closed = False
-        self._running: set[_Run[T]] = set()  # batches on an instance's thread
+        self._running: set[_Run[T]] = set()  # batches on an instance's thread, one each
         self._executors = [
             ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix=f"infer-{name}" + (f"-{i}" if n > 1 else "")
@@ -237,11 +236,8 @@ class DynamicBatcher(Generic[T, R]):
                 await self._task
             self._task = None
         self._fail_queued(NotReady(f"{self.name} model is shutting down"))
-        shut_down = NotReady(f"{self.name} model shut down before this batch finished")
-        for run in list(self._running):  # past the grace period: their items fail
-            for item in run.batch:
-                if not item.future.done():
-                    item.future.set_exception(shut_down)
+        for run in self._running:  # past the grace period: their items fail
+            self._shut_down(run.batch, "shut down before this batch finished")
         self._running.clear()
         # a batch still inside the engine finishes on its thread; nothing waits for it
         for executor in self._executors:
@@ -271,7 +267,7 @@ class DynamicBatcher(Generic[T, R]):
         loop = asyncio.get_running_loop()
         now = time.monotonic()
         if self._arrivals is not None:
-            self._arrivals.add(bool(self._queued or self._computing or self._held))
+            self._arrivals.add(bool(self._queued or self._running or self._held))
         expires = deadline
         if self.config.queue_timeout_s > 0:
             limit = now + self.config.queue_timeout_s
@@ -302,9 +298,7 @@ class DynamicBatcher(Generic[T, R]):
                 self._slots.release()
                 with self._lock:
                     held, self._held, self._handed_off = self._held, [], True
-                for item in held:  # closed while the batch waited for the engine
-                    if not item.future.done():
-                        item.future.set_exception(NotReady(f"{self.name} model is shutting down"))
+                self._shut_down(held)  # closed while the batch waited for the engine
                 raise
             with self._lock:
                 if self._handed_off:  # a thread claimed it, or `_completed` launched it
@@ -328,13 +322,11 @@ class DynamicBatcher(Generic[T, R]):
         """Start `_work` on a free instance's thread with `batch`."""
         instance = self._free.pop()  # one is free: at most `instances` batches are computing
         run = _Run(batch, instance, time.monotonic())
-        self._computing += 1
         self._running.add(run)
         try:
             self._executors[instance].submit(self._work, asyncio.get_running_loop(), run)
         except RuntimeError:  # the executor shut down (closing)
             self._running.discard(run)
-            self._computing -= 1
             self._free.append(instance)
             self._failed(batch, NotReady(f"{self.name} model is shutting down"))
             self._slots.release()
@@ -376,10 +368,9 @@ class DynamicBatcher(Generic[T, R]):
         """
         if self._size_for is not None or self._exclusive or self._closed:
             return None
-        with self._lock:
-            if self._handed_off or not self._held:
-                return None
-            batch, self._held, self._handed_off = self._held, [], True
+        batch = self._take_held()
+        if not batch:
+            return None
         kept: list[_Item[T]] = []
         dropped: list[_Item[T]] = []
         for item in batch:
@@ -395,16 +386,13 @@ class DynamicBatcher(Generic[T, R]):
         one. Launch the waiting batch if the instance is free, then answer the finished one."""
         if run not in self._running:  # failed by `close` past its grace period
             if following is not None:  # claimed as the batcher closed: nobody will answer it
-                shut_down = NotReady(f"{self.name} model is shutting down")
-                for item in following.batch + following.dropped:
-                    if not item.future.done():
-                        item.future.set_exception(shut_down)
+                self._shut_down(following.batch + following.dropped)
             return
         self._running.discard(run)
         self._slots.release()
         self._hand_over(run.instance, following)
         self._arrived.set()  # the batching task waits for this in `_top_up` and `_next_batch`
-        if self._computing < len(self._batch_fns):  # first the engine, then the bookkeeping
+        if len(self._running) < len(self._batch_fns):  # first the engine, then the bookkeeping
             self._launch_held()
         self._answer(run, outputs, error, ended)
         self._check_idle()
@@ -420,14 +408,21 @@ class DynamicBatcher(Generic[T, R]):
                 return
             self._slots.release()  # claimed, and nothing in it was still wanted
         self._free.append(instance)
-        self._computing -= 1
+
+    def _take_held(self) -> list[_Item[T]]:
+        """Take the batch that waits for the engine, marking it handed off (any thread); [] if
+        none is formed or it went already."""
+        with self._lock:
+            if self._handed_off or not self._held:
+                return []
+            batch, self._held, self._handed_off = self._held, [], True
+        return batch
 
     def _launch_held(self) -> None:
         """Launch the batch that waits for the engine (an instance is free), topped up."""
-        with self._lock:
-            if self._handed_off or not self._held:
-                return
-            batch, self._held, self._handed_off = self._held, [], True
+        batch = self._take_held()
+        if not batch:
+            return
         queue = self._queues.get(batch[0].group)
         if queue and len(batch) < self.config.max_batch_size:
             batch += self._take(queue, self.config.max_batch_size - len(batch))
@@ -506,7 +501,7 @@ class DynamicBatcher(Generic[T, R]):
         queue = self._queues[batch[0].group]
         while True:
             with self._lock:
-                if self._handed_off or self._computing < len(self._batch_fns):
+                if self._handed_off or len(self._running) < len(self._batch_fns):
                     return
                 if queue and len(batch) < self.config.max_batch_size:
                     batch += self._take(queue, self.config.max_batch_size - len(batch))
@@ -550,6 +545,13 @@ class DynamicBatcher(Generic[T, R]):
             )
             return False
         return True
+
+    def _shut_down(self, items: Sequence[_Item[T]], why: str = "is shutting down") -> None:
+        """Fail the unanswered `items` with NotReady (closing; not a model failure)."""
+        error = NotReady(f"{self.name} model {why}")
+        for item in items:
+            if not item.future.done():
+                item.future.set_exception(error)
 
     def _failed(self, batch: list[_Item[T]], error: ClipServeError) -> None:
         """Fail every item of `batch` with `error`; tell the failure observers."""
