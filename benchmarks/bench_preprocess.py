@@ -16,6 +16,11 @@ the photos ("mean"); "worst" is the largest per-image value of each set.
     .venv/bin/python benchmarks/bench_preprocess.py [--rounds 7] [--seconds 1.0] [--json]
 
 ``--json`` prints one JSON object instead of the table (`clipserve bench` reads it).
+``--diagnose`` (``shortest`` only) adds two rows that say where fast mode's parity goes: a full
+decode, Pillow's 2x box ``reduce`` and then the same resize ("full + reduce 2"), which is the
+2x pre-reduction of a 1/2-scale draft without libjpeg's DCT scaling; and a full decode resized
+in float32 and rounded once ("full, float resize"), the error of exact resampling without
+Pillow's 8-bit intermediate: the floor that any other resampler starts from.
 
 Needs the export/test extras (torch, open_clip_torch, scikit-image); the server does not.
 """
@@ -37,7 +42,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from clipserve.repository import Preprocess
-from clipserve.server.preprocess import ImagePreprocessor
+from clipserve.server.preprocess import ImagePreprocessor, plan_geometry
 
 # open_clip's ViT-L-14 datacomp_xl_s13b_b90k preprocessing (the OpenAI CLIP constants).
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -73,6 +78,36 @@ def detail(width: int, height: int, seed: int) -> bytes:
             h, w = min(180, height - top), min(240, width - left)
             canvas[top : top + h, left : left + w] = tile[:h, :w]
     return jpeg(Image.fromarray(canvas))
+
+
+class Diagnostic:
+    """Full-size JPEG decode, then either Pillow's 2x box reduce and the same 8-bit resize, or
+    one float32 resize rounded once; normalised like the served path (``shortest`` only)."""
+
+    def __init__(self, cfg: Preprocess, *, reduce: bool) -> None:
+        if cfg.resize_mode != "shortest":
+            raise SystemExit("--diagnose measures the shortest-side resize only")
+        self.cfg, self.reduce = cfg, reduce
+        self.resample = Image.Resampling[cfg.interpolation.upper()]
+        self.mean = np.asarray(cfg.mean, np.float32).reshape(3, 1, 1)
+        self.std = np.asarray(cfg.std, np.float32).reshape(3, 1, 1)
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        geo = plan_geometry(*img.size, self.cfg.size, self.cfg.resize_mode)
+        if self.reduce:
+            factor = (img.size[0] / (img.size[0] // 2 or 1), img.size[1] / (img.size[1] // 2 or 1))
+            img = img.reduce(2)
+            x0, y0, x1, y1 = geo.box
+            box = (x0 / factor[0], y0 / factor[1], x1 / factor[0], y1 / factor[1])
+            pixels = np.asarray(img.resize(geo.size, self.resample, box=box)).transpose(2, 0, 1)
+        else:
+            planes = [
+                np.asarray(c.convert("F").resize(geo.size, self.resample, box=geo.box))
+                for c in img.split()
+            ]
+            pixels = np.clip(np.rint(np.stack(planes)), 0, 255)  # [3, S, S]
+        return (pixels.astype(np.float32) / 255.0 - self.mean) / self.std
 
 
 def pixel_error(ours: np.ndarray, ref: np.ndarray) -> float:
@@ -115,6 +150,9 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
         "clipserve exact": exact.decode,
         "clipserve fast": fast.decode,
     }
+    if args.diagnose:
+        impls["full + reduce 2"] = Diagnostic(cfg, reduce=True)
+        impls["full, float resize"] = Diagnostic(cfg, reduce=False)
     rows = []
     for width, height in args.sizes:
         images = photos(width, height)
@@ -175,6 +213,10 @@ def main() -> None:
         help="JPEG sizes (default: 640x480 1920x1080)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--diagnose", action="store_true",
+        help="add two rows that locate fast mode's parity loss (see the module docstring)",
+    )
     args = parser.parse_args()
     result = measure(args)
     if args.json:
@@ -186,11 +228,11 @@ def main() -> None:
         f" numpy {v['numpy']}; size={args.size} resize_mode={args.resize_mode}"
         f" interpolation={args.interpolation}; {args.rounds} rounds x {args.seconds:.1f} s"
     )
-    header = f"{'JPEG':>10}  {'implementation':<16} {'img/s/core':>10} {'img/s wall':>10}"
+    header = f"{'JPEG':>10}  {'implementation':<18} {'img/s/core':>10} {'img/s wall':>10}"
     print(header + f" {'vs open_clip':>12} {'parity mean':>11} {'worst':>7} {'detail':>7}")
     for row in result["rows"]:
         print(
-            f"{row['size']:>10}  {row['implementation']:<16} {row['per_core']:10.1f}"
+            f"{row['size']:>10}  {row['implementation']:<18} {row['per_core']:10.1f}"
             f" {row['wall']:10.1f} {row['vs_open_clip']:11.2f}x {row['parity_mean']:11.4f}"
             f" {row['parity_worst']:7.4f} {row['detail_worst']:7.4f}"
         )

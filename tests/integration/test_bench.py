@@ -138,3 +138,26 @@ def test_engine_gaps_reads_the_engines_idle_time_between_batches(tiny_repository
         assert 0 < busy <= 100
         assert re.search(r"gaps \d+: mean ", line)
     assert lines[-1].endswith("(tensor x8, 6 clients)")
+
+
+def test_bench_preprocess_diagnose_locates_fast_modes_parity_loss() -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_preprocess.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--diagnose", "--sizes", "1920x1080", "--rounds", "1",
+         "--seconds", "0.05", "--json"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    rows = {r["implementation"]: r for r in json.loads(done.stdout)["rows"]}
+    assert set(rows) == {"open_clip", "clipserve exact", "clipserve fast", "full + reduce 2",
+                         "full, float resize"}
+    exact, fast = rows["clipserve exact"], rows["clipserve fast"]
+    reduced, floating = rows["full + reduce 2"], rows["full, float resize"]
+    assert exact["detail_worst"] < 0.01
+    # A 2x box reduce before the resize loses what a 1/2-scale draft loses: within 20% of it.
+    assert abs(reduced["detail_worst"] - fast["detail_worst"]) < 0.2 * fast["detail_worst"]
+    # Exact resampling without the 8-bit intermediate is neither bit-exact nor far off.
+    assert 0.01 < floating["parity_mean"] < 0.5 * reduced["parity_mean"]
+    assert all(r["per_core"] > 0 for r in rows.values())
