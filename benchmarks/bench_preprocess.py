@@ -95,11 +95,9 @@ class Diagnostic:
     def __call__(self, data: bytes) -> np.ndarray:
         img = Image.open(io.BytesIO(data)).convert("RGB")
         geo = plan_geometry(*img.size, self.cfg.size, self.cfg.resize_mode)
-        if self.reduce:
-            factor = (img.size[0] / (img.size[0] // 2 or 1), img.size[1] / (img.size[1] // 2 or 1))
-            img = img.reduce(2)
+        if self.reduce:  # reduced pixel i covers source pixels 2i and 2i + 1
             x0, y0, x1, y1 = geo.box
-            box = (x0 / factor[0], y0 / factor[1], x1 / factor[0], y1 / factor[1])
+            img, box = img.reduce(2), (x0 / 2, y0 / 2, x1 / 2, y1 / 2)
             pixels = np.asarray(img.resize(geo.size, self.resample, box=box)).transpose(2, 0, 1)
         else:
             planes = [

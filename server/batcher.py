@@ -296,9 +296,7 @@ class DynamicBatcher(Generic[T, R]):
                     await self._top_up(batch)
             except BaseException:
                 self._slots.release()
-                with self._lock:
-                    held, self._held, self._handed_off = self._held, [], True
-                self._shut_down(held)  # closed while the batch waited for the engine
+                self._shut_down(self._take_held())  # closed while the batch waited
                 raise
             with self._lock:
                 if self._handed_off:  # a thread claimed it, or `_completed` launched it
