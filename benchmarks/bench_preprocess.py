@@ -2,8 +2,9 @@
 
 Encoded JPEG bytes -> normalised float32 [3, S, S] tensor, one image at a time on one thread,
 for 640x480 and 1920x1080 JPEGs (quality 90). Throughput is images per
-CPU-second of the measuring thread ("per core"), which stays meaningful on a shared machine;
-wall-clock figures are printed too. The implementations take turns within each round so that
+CPU-second of this process ("per core": every thread's time, libvips' worker included; torch
+runs on one thread), which stays meaningful on a shared machine; wall-clock figures are printed
+too. The implementations take turns within each round so that
 background load hits them alike, and the median round is reported.
 
 Two image sets: "photos" (four skimage photos resized to the size: smooth, as most uploads)
@@ -15,7 +16,9 @@ the photos ("mean"); "worst" is the largest per-image value of each set.
 
     .venv/bin/python benchmarks/bench_preprocess.py [--rounds 7] [--seconds 1.0] [--json]
 
-``--json`` prints one JSON object instead of the table (`clipserve bench` reads it).
+Rows: open_clip, clipserve's exact path (the default), its SIMD path (``--preprocess-simd``;
+left out, with a note, when the ``simd`` extra is not installed) and its fast mode (draft
+decoding). ``--json`` prints one JSON object instead of the table (`clipserve bench` reads it).
 ``--diagnose`` (``shortest`` only) adds two rows that say where fast mode's parity goes: a full
 decode, Pillow's 2x box ``reduce`` and then the same resize ("full + reduce 2"), which is the
 2x pre-reduction of a 1/2-scale draft without libjpeg's DCT scaling; and a full decode resized
@@ -115,14 +118,17 @@ def pixel_error(ours: np.ndarray, ref: np.ndarray) -> float:
 
 
 def rate(fn: Callable[[bytes], object], images: list[bytes], seconds: float) -> tuple[float, float]:
-    """(images per CPU-second, images per wall-second) of ``fn`` over ``images``, repeated."""
+    """(images per CPU-second, images per wall-second) of ``fn`` over ``images``, repeated.
+
+    CPU time is the process's, not the thread's: libvips runs each pipeline on a worker thread.
+    """
     count = 0
-    cpu0, wall0 = time.thread_time(), time.perf_counter()
+    cpu0, wall0 = time.process_time(), time.perf_counter()
     while True:
         for data in images:
             fn(data)
         count += len(images)
-        cpu, wall = time.thread_time() - cpu0, time.perf_counter() - wall0
+        cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
         if wall >= seconds:
             return count / max(cpu, 1e-9), count / wall
 
@@ -146,8 +152,16 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
     impls: dict[str, Callable[[bytes], object]] = {
         "open_clip": lambda b: reference(Image.open(io.BytesIO(b))),
         "clipserve exact": exact.decode,
-        "clipserve fast": fast.decode,
     }
+    missing, simd_versions = "", {}
+    try:
+        simd = ImagePreprocessor(cfg, simd=True)
+    except RuntimeError as exc:  # the simd extra is not installed
+        missing = str(exc)
+    else:
+        impls["clipserve simd"] = simd.decode
+        simd_versions = simd.simd_versions
+    impls["clipserve fast"] = fast.decode
     if args.diagnose:
         impls["full + reduce 2"] = Diagnostic(cfg, reduce=True)
         impls["full, float resize"] = Diagnostic(cfg, reduce=False)
@@ -187,10 +201,12 @@ def measure(args: argparse.Namespace) -> dict[str, object]:
             "torch": torch.__version__,
             "Pillow": Image.__version__,
             "numpy": np.__version__,
+            **simd_versions,
         },
         "rounds": args.rounds,
         "seconds": args.seconds,
         "rows": rows,
+        "simd_missing": missing,
     }
 
 
@@ -221,11 +237,14 @@ def main() -> None:
         print(json.dumps(result))
         return
     v = result["versions"]
+    simd_text = "".join(f", {k} {v[k]}" for k in ("simplejpeg", "libvips") if k in v)
     print(
         f"open_clip {v['open_clip']}, torch {v['torch']}, Pillow {v['Pillow']},"
-        f" numpy {v['numpy']}; size={args.size} resize_mode={args.resize_mode}"
+        f" numpy {v['numpy']}{simd_text}; size={args.size} resize_mode={args.resize_mode}"
         f" interpolation={args.interpolation}; {args.rounds} rounds x {args.seconds:.1f} s"
     )
+    if result["simd_missing"]:
+        print(f"no 'clipserve simd' row: {result['simd_missing']}")
     header = f"{'JPEG':>10}  {'implementation':<18} {'img/s/core':>10} {'img/s wall':>10}"
     print(header + f" {'vs open_clip':>12} {'parity mean':>11} {'worst':>7} {'detail':>7}")
     for row in result["rows"]:

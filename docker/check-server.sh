@@ -1,7 +1,8 @@
 #!/bin/sh
-# Check a serving environment made by install-server.sh: the CLI starts, torch and open_clip are
-# absent, and ONNX Runtime offers the execution provider of the flavour. Needs no GPU and no
-# network. Run by the Dockerfile (the image does not build unless it passes) and by .ci/k8s.sh.
+# Check a serving environment made by install-server.sh: the CLI starts, the SIMD JPEG path
+# loads, torch and open_clip are absent, and ONNX Runtime offers the execution provider of the
+# flavour. Needs no GPU and no network. Run by the Dockerfile (the image does not build unless
+# it passes) and by .ci/k8s.sh.
 #
 # usage: check-server.sh VENV cpu|gpu
 set -eu
@@ -40,6 +41,12 @@ else:
 if importlib.util.find_spec("aiohttp") is None:  # the http extra: --http-port works
     sys.exit("the serving environment lacks aiohttp (the http extra)")
 
+from clipserve.repository import Preprocess
+from clipserve.server.preprocess import ImagePreprocessor
+
+# the simd extra: --preprocess-simd starts (simplejpeg imports, libvips' shared library loads)
+simd = ImagePreprocessor(Preprocess(224, (0.5,) * 3, (0.5,) * 3), simd=True).simd_versions
+
 if provider == "CUDAExecutionProvider":
     try:
         importlib.metadata.version("onnxruntime")
@@ -55,5 +62,6 @@ if provider not in onnxruntime.get_available_providers():
 import clipserve.server.app  # noqa: F401  (the whole server imports without torch)
 
 print(f"serving environment ok: clipserve {importlib.metadata.version('clipserve')}, "
-      f"onnxruntime {onnxruntime.__version__} ({provider})")
+      f"onnxruntime {onnxruntime.__version__} ({provider}), simplejpeg {simd['simplejpeg']}, "
+      f"libvips {simd['libvips']}")
 PY

@@ -1,6 +1,7 @@
 #!/bin/sh
 # Install the clipserve serving environment into a new virtual environment: the wheel and its
-# runtime dependencies (with the `http` extra: the optional OpenAI-compatible HTTP API), pinned
+# runtime dependencies (with the `http` extra: the optional OpenAI-compatible HTTP API, and the
+# `simd` extra: the optional SIMD JPEG path, --preprocess-simd), pinned
 # by a constraints file, and never torch. The Dockerfile runs this
 # script to build the serving images and .ci/k8s.sh runs the very same script in CI.
 #
@@ -19,7 +20,7 @@ flavour=$4
 
 python3 -m venv "$venv"
 pip="$venv/bin/python -m pip"
-$pip install --quiet --disable-pip-version-check --constraint "$constraints" "$wheel[http]"
+$pip install --quiet --disable-pip-version-check --constraint "$constraints" "$wheel[http,simd]"
 
 case "$flavour" in
   cpu) ;;

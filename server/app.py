@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from clipserve.repository import Manifest, RepositoryError, load_manifest
+from clipserve.repository import Manifest, Preprocess, RepositoryError, load_manifest
 from clipserve.server.access_log import AccessLog
 from clipserve.server.arrivals import Arrivals
 from clipserve.server.auth import BearerAuthInterceptor, BearerTokens, public_prefixes, tokens_for
@@ -147,6 +147,7 @@ class ClipServer:
         http_class = _http_api_class() if s.http_port is not None else None
         root = Path(s.model_repository)
         manifest = load_manifest(root)
+        preprocessor = _preprocessor(manifest.preprocess, s)  # a missing extra fails before loading
         options = engine_options(s)
         size, context = manifest.preprocess.size, manifest.tokenizer.context_length
         vision_towers = open_instances(
@@ -167,7 +168,6 @@ class ClipServer:
         vision, text = vision_towers[0], text_towers[0]
         _check_tower_shapes(manifest, vision, text)
         tokenizer = ClipTokenizer.from_repository(root, manifest.tokenizer)
-        preprocessor = ImagePreprocessor(manifest.preprocess, max_image_pixels=s.max_image_pixels)
         self._pool = ThreadPoolExecutor(
             max_workers=s.preprocess_workers or usable_cores(), thread_name_prefix="preprocess",
             initializer=lower_thread_priority, initargs=(s.preprocess_nice,),
@@ -418,6 +418,14 @@ class ClipServer:
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.stop()
+
+
+def _preprocessor(cfg: Preprocess, s: ServerSettings) -> ImagePreprocessor:
+    """The image preprocessor; `preprocess_simd` without the `simd` extra is a ConfigError."""
+    try:
+        return ImagePreprocessor(cfg, max_image_pixels=s.max_image_pixels, simd=s.preprocess_simd)
+    except RuntimeError as exc:  # the simd extra's libraries did not import
+        raise ConfigError(f"preprocess_simd: {exc}") from None
 
 
 def _http_api_class() -> type[HttpApi]:

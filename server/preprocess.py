@@ -27,7 +27,10 @@ Doing the same keeps parity for every mode. Departures from open_clip, all delib
 ``fast=True`` trades parity for speed on JPEG: it decodes at a reduced DCT scale
 (``Image.draft``) while keeping at least `FAST_DRAFT_MARGIN` source pixels per output pixel,
 and lets Pillow pre-shrink with a box filter (``reducing_gap=FAST_REDUCING_GAP``).
-docs/preprocessing.md holds the measured parity and speed of both modes.
+``simd=True`` decodes JPEGs with libjpeg-turbo (simplejpeg) and resamples them with libvips'
+vectorised reducers (`preprocess_simd`): not bit-exact, well inside the parity requirement,
+and faster than Pillow's scalar passes; other images take the exact path.
+docs/preprocessing.md holds the measured parity and speed of the modes.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from PIL import Image, ImageFile, ImageOps
 from clipserve.repository import RESIZE_MODES, Preprocess
 
 from .errors import InvalidInput
+from .preprocess_simd import SimdJpeg
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +220,7 @@ class ImagePreprocessor:
         max_image_pixels: int = 40_000_000,
         max_image_bytes: int = 32 << 20,
         fast: bool = False,
+        simd: bool = False,
     ) -> None:
         if cfg.size <= 0:
             raise ValueError(f"preprocess size must be positive, got {cfg.size}")
@@ -227,6 +232,8 @@ class ImagePreprocessor:
             raise ValueError("mean and std must hold 3 values, std positive")
         if max_image_pixels <= 0 or max_image_bytes <= 0:
             raise ValueError("max_image_pixels and max_image_bytes must be positive")
+        if fast and simd:
+            raise ValueError("choose fast (draft decoding) or simd, not both")
         self.cfg = cfg
         self.fast = fast
         self.max_image_pixels = max_image_pixels
@@ -237,13 +244,19 @@ class ImagePreprocessor:
         self._scale = (1.0 / (255.0 * std)).astype(np.float32).reshape(3, 1, 1)  # [3, 1, 1]
         self._bias = (-np.asarray(cfg.mean, np.float64) / std).astype(np.float32).reshape(3, 1, 1)
         self._factories = _allowed_factories()
+        self._simd: SimdJpeg | None = SimdJpeg(cfg) if simd else None
         logger.info(
-            "image preprocessing: size=%d resize_mode=%s interpolation=%s fast=%s",
+            "image preprocessing: size=%d resize_mode=%s interpolation=%s mode=%s",
             cfg.size,
             cfg.resize_mode,
             cfg.interpolation,
-            fast,
+            "simd" if simd else "fast" if fast else "exact",
         )
+
+    @property
+    def simd_versions(self) -> dict[str, str]:
+        """simplejpeg's and libvips' versions when the SIMD path is on, else empty."""
+        return dict(self._simd.versions) if self._simd is not None else {}
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
@@ -265,8 +278,8 @@ class ImagePreprocessor:
             )
         with self._open(data) as image:
             try:
-                rgb = self._to_rgb(image)
-                return self._normalize(rgb, out)
+                pixels = self._simd_pixels(data, image) if self._simd is not None else None
+                return self._normalize(self._to_rgb(image) if pixels is None else pixels, out)
             except (InvalidInput, MemoryError):
                 raise
             except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -364,6 +377,16 @@ class ImagePreprocessor:
             "(max_image_pixels)"
         )
 
+    def _simd_pixels(self, data: bytes, image: ImageFile.ImageFile) -> np.ndarray | None:
+        """The SIMD path's uint8 [S, S, 1 or 3] for a greyscale or colour JPEG, else None."""
+        assert self._simd is not None
+        if image.format not in ("JPEG", "MPO") or image.mode not in ("L", "RGB"):
+            return None  # CMYK/YCCK JPEGs and every other format: the exact path
+        orientation = _orientation(image)  # JPEG's EXIF comes with the header
+        width, height = _oriented_size(image.size, orientation)
+        geo = plan_geometry(width, height, self.cfg.size, self.cfg.resize_mode)
+        return self._simd.pixels(data, grey=image.mode == "L", orientation=orientation, geo=geo)
+
     def _to_rgb(self, image: ImageFile.ImageFile) -> Image.Image:
         """First frame, oriented, resized/cropped/padded in its own mode, then RGB [S, S]."""
         raw_size, scale = image.size, 1
@@ -446,8 +469,9 @@ class ImagePreprocessor:
             raise ValueError(f"out must be a writable C-contiguous float32 {self.output_shape}")
         return out
 
-    def _normalize(self, rgb: Image.Image, out: np.ndarray) -> np.ndarray:
-        """uint8 [S, S, 3] -> (x / 255 - mean) / std as float32 [3, S, S], into ``out``."""
+    def _normalize(self, rgb: Image.Image | np.ndarray, out: np.ndarray) -> np.ndarray:
+        """uint8 [S, S, 3] (or [S, S, 1]: grey) -> (x / 255 - mean) / std as float32
+        [3, S, S], into ``out``."""
         pixels = np.asarray(rgb)  # [S, S, 3] uint8
         np.multiply(pixels.transpose(2, 0, 1), self._scale, out=out)  # [3, S, S]
         out += self._bias

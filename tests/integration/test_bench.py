@@ -151,8 +151,8 @@ def test_bench_preprocess_diagnose_locates_fast_modes_parity_loss() -> None:
         capture_output=True, text=True, timeout=300, check=True,
     )
     rows = {r["implementation"]: r for r in json.loads(done.stdout)["rows"]}
-    assert set(rows) == {"open_clip", "clipserve exact", "clipserve fast", "full + reduce 2",
-                         "full, float resize"}
+    assert set(rows) == {"open_clip", "clipserve exact", "clipserve simd", "clipserve fast",
+                         "full + reduce 2", "full, float resize"}
     exact, fast = rows["clipserve exact"], rows["clipserve fast"]
     reduced, floating = rows["full + reduce 2"], rows["full, float resize"]
     assert exact["detail_worst"] < 0.01
@@ -160,4 +160,8 @@ def test_bench_preprocess_diagnose_locates_fast_modes_parity_loss() -> None:
     assert abs(reduced["detail_worst"] - fast["detail_worst"]) < 0.2 * fast["detail_worst"]
     # Exact resampling without the 8-bit intermediate is neither bit-exact nor far off.
     assert 0.01 < floating["parity_mean"] < 0.5 * reduced["parity_mean"]
+    # The SIMD path starts from the full decode too: within the requirement where fast mode
+    # is not, and not bit-exact.
+    simd = rows["clipserve simd"]
+    assert 0.01 < simd["detail_worst"] < 0.5 < fast["detail_worst"]
     assert all(r["per_core"] > 0 for r in rows.values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from clipserve.bench.runner import SWEEP_IMAGE_MODEL, SWEEP_TINY, Plan
+from clipserve.bench.runner import SWEEP_IMAGE_MODEL, SWEEP_TINY, Plan, preprocess_choice
 
 
 def test_the_full_run_sweeps_vit_l_14_last_at_few_clients_and_small_batches() -> None:
@@ -31,3 +31,22 @@ def test_the_large_model_is_left_out_without_a_sweep_or_when_asked() -> None:
     ]
     same = Plan.create(False, Path("work"), large_model="ViT-B-32").sweeps()
     assert [s.model for s in same] == ["tiny", "ViT-B-32"]  # one server per model
+
+
+def test_the_preprocessing_target_takes_the_fastest_path_within_parity() -> None:
+    def row(name: str, speed: float, worst: float, detail: float) -> dict[str, object]:
+        return {"implementation": name, "vs_open_clip": speed, "parity_worst": worst,
+                "detail_worst": detail}
+
+    rows = {r["implementation"]: r for r in (
+        row("open_clip", 1.0, 0.0, 0.0),
+        row("clipserve exact", 1.5, 0.0005, 0.0001),
+        row("clipserve simd", 3.1, 0.17, 0.2),
+        row("clipserve fast", 3.2, 0.28, 0.53),  # faster, but a detail mosaic breaks parity
+        row("full + reduce 2", 4.0, 0.1, 0.1),  # a diagnostic, not a serving path
+    )}
+    assert preprocess_choice(rows)["implementation"] == "clipserve simd"
+    del rows["clipserve simd"]  # the simd extra not installed
+    assert preprocess_choice(rows)["implementation"] == "clipserve exact"
+    rows["clipserve exact"]["parity_worst"] = 0.7  # never: then exact is still what is served
+    assert preprocess_choice(rows)["implementation"] == "clipserve exact"

@@ -30,6 +30,9 @@ SIZE = 32
 # A lower pixel limit than the server's keeps the mutated-header cases quick.
 PREPROCESSOR = ImagePreprocessor(Preprocess(SIZE, MEAN, STD), max_image_pixels=1_000_000)
 FAST = ImagePreprocessor(Preprocess(SIZE, MEAN, STD), max_image_pixels=1_000_000, fast=True)
+SIMD = ImagePreprocessor(Preprocess(SIZE, MEAN, STD), max_image_pixels=1_000_000, simd=True)
+BY_MODE = {"exact": PREPROCESSOR, "fast": FAST, "simd": SIMD}
+PATHS = st.sampled_from(sorted(BY_MODE))
 FUZZ = settings(
     max_examples=300,
     deadline=timedelta(seconds=5),
@@ -118,9 +121,9 @@ def test_arbitrary_bytes(data: bytes) -> None:
 
 
 @FUZZ
-@given(magic=st.sampled_from(MAGICS), tail=st.binary(max_size=4096), fast=st.booleans())
-def test_bytes_behind_a_magic_number(magic: bytes, tail: bytes, fast: bool) -> None:
-    decodes_or_refuses(FAST if fast else PREPROCESSOR, magic + tail)
+@given(magic=st.sampled_from(MAGICS), tail=st.binary(max_size=4096), path=PATHS)
+def test_bytes_behind_a_magic_number(magic: bytes, tail: bytes, path: str) -> None:
+    decodes_or_refuses(BY_MODE[path], magic + tail)
 
 
 @st.composite
@@ -136,9 +139,9 @@ def mutated_images(draw: st.DrawFn) -> bytes:
 
 
 @FUZZ
-@given(data=mutated_images(), fast=st.booleans())
-def test_damaged_images(data: bytes, fast: bool) -> None:
-    decodes_or_refuses(FAST if fast else PREPROCESSOR, data)
+@given(data=mutated_images(), path=PATHS)
+def test_damaged_images(data: bytes, path: str) -> None:
+    decodes_or_refuses(BY_MODE[path], data)
 
 
 @settings(max_examples=150, deadline=timedelta(seconds=10))
@@ -151,7 +154,7 @@ def test_damaged_images(data: bytes, fast: bool) -> None:
     resize_mode=st.sampled_from(RESIZE_MODES),
     interpolation=st.sampled_from(INTERPOLATIONS),
     fill_color=st.integers(0, 255),
-    fast=st.booleans(),
+    path=PATHS,
     seed=st.integers(0, 2**16),
 )
 def test_valid_images_give_finite_tensors(
@@ -163,13 +166,13 @@ def test_valid_images_give_finite_tensors(
     resize_mode: str,
     interpolation: str,
     fill_color: int,
-    fast: bool,
+    path: str,
     seed: int,
 ) -> None:
     mode, fmt, options = encoding
     data = encode(sample_image(width, height, mode, seed), fmt, orientation, **options)
     cfg = Preprocess(size, MEAN, STD, interpolation, resize_mode, fill_color)
-    out = ImagePreprocessor(cfg, fast=fast).decode(data)
+    out = ImagePreprocessor(cfg, fast=path == "fast", simd=path == "simd").decode(data)
     assert out.shape == (3, size, size)
     assert out.dtype == np.float32
     assert out.flags.c_contiguous
