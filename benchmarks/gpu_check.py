@@ -167,6 +167,17 @@ ALL_SCENARIOS = (
     ("jpeg_1920x1080", 4, 16), ("text_short", 16, 32),
 )
 TENSORS = ALL_SCENARIOS[:2]
+JPEGS = ALL_SCENARIOS[2:4]
+
+
+def simd_available() -> bool:
+    """Whether the `simd` extra's libraries (carried by gpu_wheels.sh) import here."""
+    try:
+        import pyvips  # noqa: F401
+        import simplejpeg  # noqa: F401
+    except (ImportError, OSError):
+        return False
+    return True
 
 
 def served(name: str, repo: Path, device: Device, processes: int, seconds: float,
@@ -251,6 +262,14 @@ def main() -> None:
         )),
         ("raw fp32", lambda: raw_sessions("fp32", args.fp32, device, buckets[:4], args.seconds)),
     ]
+    if simd_available():  # the JPEG points again with the SIMD JPEG path (--preprocess-simd)
+        steps.insert(3, ("grpc fp16 simd JPEGs", lambda: served(
+            "fp16-simd", args.fp16, device, args.processes, args.seconds * 2,
+            {**serving, "preprocess_simd": True}, JPEGS,
+        )))
+    else:
+        say("skipped/grpc fp16 simd JPEGs", "simd extra missing",
+            "no SIMD JPEG points: simplejpeg or pyvips does not import (gpu_wheels.sh SIMD=1)")
     if args.fp16_attention is not None:
         attention = args.fp16_attention
         steps[2:2] = [

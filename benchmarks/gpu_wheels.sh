@@ -3,6 +3,8 @@
 # (ignored by git: add `/.whl/` to .git/info/exclude), for CPython 3.12 x86-64, as few bytes as
 # possible (about 57 MB):
 #   - the server's small dependencies as wheels (grpcio, protobuf, open_clip, ...);
+#   - with SIMD=1 (the default), the `simd` extra's wheels (simplejpeg, pyvips with its libvips
+#     build, cffi; about 9 MB more), for gpu_check.py's --preprocess-simd JPEG points;
 #   - onnxruntime-gpu (CUDA 13 build) as one .tar.xz of its Python package, pruned to the device
 #     code of one GPU architecture (ARCH, default 90: H100/H200) by benchmarks/prune_fatbin.py,
 #     without the C API library (libonnxruntime.so, not used from Python) and without its
@@ -24,6 +26,9 @@ get() { "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 
 # wcwidth 0.2.x is pure Python (0.9 ships a compiled module 20x larger)
 get .whl grpcio==1.81.1 grpcio-health-checking==1.81.1 grpcio-reflection==1.81.1 \
     protobuf==6.33.5 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13
+if [ "${SIMD:-1}" = 1 ]; then
+  get .whl simplejpeg==1.9.0 pyvips==3.2.0 pyvips-binary==8.18.7 cffi==2.1.1 pycparser==3.12
+fi
 get "$tmp" "onnxruntime-gpu==$ORT"
 mkdir "$tmp/pkg"
 (cd "$tmp/pkg" && unzip -q "$tmp"/onnxruntime_gpu-*.whl)

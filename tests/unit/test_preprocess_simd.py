@@ -29,7 +29,10 @@ from tests.unit.test_preprocess import (
     reference,
 )
 
-JPEG_SIZES = ((1920, 1080), (1080, 1920), (640, 480), (448, 448), (300, 500), (225, 224))
+JPEG_SIZES = (
+    (1920, 1080), (1080, 1920), (1280, 720), (640, 480), (448, 448), (300, 500), (256, 256),
+    (225, 224),
+)
 
 
 def jpeg(name: str, width: int, height: int, mode: str = "RGB", **options: object) -> bytes:
@@ -95,6 +98,20 @@ def test_every_other_image_is_the_exact_paths(images: list[tuple[str, bytes]]) -
             np.testing.assert_array_equal(out, exact.decode(data), err_msg=label)
         else:
             assert pixel_error(out, ref(Image.open(io.BytesIO(data)))) < 0.5, label
+
+
+def test_below_the_fast_upsampling_shrink_the_decode_is_pillows() -> None:
+    """libjpeg-turbo's default decode through simplejpeg gives Pillow's pixels exactly: what
+    the path's parity loses is the resampling alone (and, from FAST_UPSAMPLE_SHRINK, the
+    replicated chroma)."""
+    path = SimdJpeg(config())
+    for name, (width, height) in zip(PHOTOS, ((1920, 1080), (640, 480), (301, 199), (64, 48)),
+                                     strict=True):
+        for mode in ("RGB", "L"):
+            data = jpeg(name, width, height, mode=mode)
+            ours = path._jpeg.decode_jpeg(data, "GRAY" if mode == "L" else "RGB")
+            pillow = np.asarray(Image.open(io.BytesIO(data)))
+            np.testing.assert_array_equal(ours.reshape(pillow.shape), pillow)
 
 
 def test_enlargement_and_bilinear_take_the_exact_path() -> None:
