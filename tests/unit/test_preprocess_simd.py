@@ -85,6 +85,28 @@ def test_jpeg_parity_with_open_clip(resize_mode: str) -> None:
     assert min(shrunk.values()) > 0.0, "the SIMD path did not run"
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"progressive": True},
+        {"subsampling": 0},  # 4:4:4: no chroma to upsample
+        {"subsampling": 1},  # 4:2:2
+        {"optimize": True, "restart_marker_rows": 1},
+        {"quality": 40},
+    ],
+    ids=["progressive", "444", "422", "optimized-restarts", "q40"],
+)
+def test_jpeg_variants_keep_parity(options: dict[str, object]) -> None:
+    """Progressive scans, every chroma subsampling, optimised Huffman tables with restart
+    markers, heavy quantisation: libjpeg-turbo decodes what Pillow does."""
+    cfg = config()
+    ours, ref = ImagePreprocessor(cfg, simd=True), reference(cfg)
+    for width, height in ((1920, 1080), (640, 480)):
+        data = jpeg("coffee", width, height, **options)
+        error = pixel_error(ours.decode(data), ref(Image.open(io.BytesIO(data))))
+        assert 0.0 < error < 0.5, (options, width, height, error)
+
+
 @pytest.mark.slow
 def test_every_other_image_is_the_exact_paths(images: list[tuple[str, bytes]]) -> None:  # noqa: F811
     """test_preprocess's parity set: what the SIMD path does not take (PNG, WebP, BMP, GIF,
