@@ -59,6 +59,15 @@ def _load() -> tuple[Any, Any]:
         import simplejpeg
     except (ImportError, OSError) as exc:  # OSError: the libvips shared library did not load
         raise RuntimeError(f"SIMD preprocessing needs {INSTALL_HINT}: {exc}") from exc
+    # pyvips hands every libvips log message to Python logging, info included (two per reducer
+    # per image: "21 point mask", "using vector path"): each one is a callback that takes the
+    # interpreter lock back from inside libvips, a wait while the event loop is busy. Leave
+    # them to GLib's default handler instead (warnings to stderr, info dropped).
+    remove_log_handler = getattr(pyvips, "_remove_log_handler", None)
+    if remove_log_handler is not None:
+        remove_log_handler()
+    else:  # a pyvips without it: at least keep the messages out of the server's log
+        logging.getLogger("pyvips").setLevel(logging.WARNING)
     # No operation cache: pipelines start from memory that is reused, and nothing repeats.
     pyvips.cache_set_max(0)
     pyvips.cache_set_max_mem(0)

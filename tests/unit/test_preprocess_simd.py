@@ -7,6 +7,7 @@ Parity in 8-bit pixel units as in test_preprocess.py; the requirement is < 0.5 p
 from __future__ import annotations
 
 import io
+import logging
 import threading
 
 import numpy as np
@@ -239,3 +240,14 @@ def test_simd_and_fast_exclude_each_other() -> None:
     with pytest.raises(ValueError, match="not both"):
         ImagePreprocessor(Preprocess(224, MEAN, STD), fast=True, simd=True)
 
+
+
+def test_libvips_messages_do_not_call_back_into_python(
+    simd: ImagePreprocessor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """libvips logs two info lines per reducer and image; pyvips would hand each to Python
+    logging through a callback that takes the interpreter lock back (and print them in the
+    server's log at INFO). The SIMD path leaves them to GLib's default handler."""
+    with caplog.at_level(logging.DEBUG):
+        simd.decode(jpeg("rocket", 1280, 720))
+    assert not [r.getMessage() for r in caplog.records if r.getMessage().startswith("VIPS:")]
