@@ -33,11 +33,20 @@ INSTALL_HINT = 'pip install "clipserve[simd]" (simplejpeg and pyvips[binary])'
 # Bicubic only: libvips' triangle filter strays further from Pillow's bilinear one than its
 # cubic from Pillow's bicubic, so bilinear models keep the exact path.
 _KERNELS = {"bicubic": "cubic"}
+# Where libvips' reducers stay close to Pillow's passes on any content (noise included; the
+# limits are tests/unit/test_preprocess_simd.py's envelope): each axis keeps its size or
+# shrinks by MIN_SHRINK to MAX_SHRINK, and the output is at least MIN_OUTPUT pixels on each side.
+# Below MIN_SHRINK the two libraries' fixed-point rounding differs most on fine detail; above
+# MAX_SHRINK libvips' wide filter drifts from Pillow's; in small outputs the edge pixels, which
+# the two filters treat differently, weigh more. Everything else takes the exact path.
+MIN_SHRINK = 2.0
+MAX_SHRINK = 24.0
+MIN_OUTPUT = 128
 # libjpeg's fast ("merged") chroma upsampling replicates chroma pixels instead of interpolating
-# them; once the resize shrinks by this much along both axes the cubic filter has smoothed the
-# difference away (at a 2x shrink it still shows), and the decode is faster. Below it, the
-# decode is libjpeg-turbo's default, bit-identical to the one Pillow (and open_clip) sees.
-FAST_UPSAMPLE_SHRINK = 4.0
+# them, a faster decode; from this shrink on along both axes the cubic filter smooths the
+# difference away even for colour noise (at a 4x shrink it does not). Below it, the decode is
+# libjpeg-turbo's default, bit-identical to the one Pillow (and open_clip) sees.
+FAST_UPSAMPLE_SHRINK = 8.0
 
 # EXIF orientation -> libvips operations that turn the stored image upright (as
 # `PIL.Image.transpose` with `_TRANSPOSE` in preprocess.py does).
@@ -101,8 +110,8 @@ class SimdJpeg:
         """Decode and resample ``data`` (a JPEG whose header Pillow read: ``grey`` for mode L,
         else RGB) to ``geo`` (a `preprocess.Geometry` of the oriented image)."""
         (width, height), (scaled_w, scaled_h) = geo.source, geo.scaled
-        if self.kernel is None or not geo.resize or scaled_w > width or scaled_h > height:
-            return None  # nearest neighbour, a plain crop, or an enlargement: Pillow's job
+        if self.kernel is None or not geo.resize or not _within_envelope(geo):
+            return None  # nearest neighbour, a plain crop, an enlargement, ...: Pillow's job
         shrink = min(width / scaled_w, height / scaled_h)
         try:
             decoded = self._jpeg.decode_jpeg(
@@ -116,10 +125,30 @@ class SimdJpeg:
         bands = 1 if grey else 3
         if (cols, rows) != ((height, width) if orientation in (5, 6, 7, 8) else (width, height)):
             return None  # not the image Pillow's header described (e.g. a multi-frame file)
-        decoded = decoded.reshape(rows, cols, bands)
+        try:
+            region = self._resample(decoded.reshape(rows, cols, bands), orientation, geo)
+        except self._vips.Error:  # e.g. a limit of libvips': the exact path can still do it
+            logger.debug("SIMD resampling declined", exc_info=True)
+            return None
+        if region is None:
+            return None
+        (out_w, out_h) = geo.size
+        pixels = np.frombuffer(region, np.uint8).reshape(out_h, out_w, bands)
+        if geo.pad is not None:
+            left_pad, top_pad, right_pad, bottom_pad = geo.pad
+            pixels = np.pad(
+                pixels, ((top_pad, bottom_pad), (left_pad, right_pad), (0, 0)),
+                constant_values=self.fill,
+            )
+        return pixels
+
+    def _resample(self, decoded: np.ndarray, orientation: int, geo: Any) -> bytes | None:
+        """libvips: orient, shrink to ``geo.scaled``, and compute the crop's region only."""
+        rows, cols, bands = decoded.shape
         image = self._vips.Image.new_from_memory(decoded.data, cols, rows, bands, "uchar")
         for method, direction in _ORIENT.get(orientation, ()):
             image = getattr(image, method)(direction)
+        (width, height), (scaled_w, scaled_h) = geo.source, geo.scaled
         vshrink, hshrink = height / scaled_h, width / scaled_w
         if scaled_h != height and scaled_w != width:
             image = image.reduce(hshrink, vshrink, kernel=self.kernel)  # vertical pass first
@@ -132,12 +161,16 @@ class SimdJpeg:
         (out_w, out_h), (left, top) = geo.size, geo.crop
         # Computing one region runs the pipeline on this thread, for that region only (the
         # crop's columns of the vertical pass): no worker thread, no crop operation.
-        region = self._vips.Region.new(image).fetch(left, top, out_w, out_h)
-        pixels = np.frombuffer(region, np.uint8).reshape(out_h, out_w, bands)
-        if geo.pad is not None:
-            left_pad, top_pad, right_pad, bottom_pad = geo.pad
-            pixels = np.pad(
-                pixels, ((top_pad, bottom_pad), (left_pad, right_pad), (0, 0)),
-                constant_values=self.fill,
-            )
-        return pixels
+        region: bytes = self._vips.Region.new(image).fetch(left, top, out_w, out_h)
+        return region
+
+
+def _within_envelope(geo: Any) -> bool:
+    """Whether libvips' reducers stay close to Pillow's for this geometry (see MIN_SHRINK)."""
+    (width, height), (scaled_w, scaled_h) = geo.source, geo.scaled
+    if min(geo.size) < MIN_OUTPUT:
+        return False
+    return all(
+        new == old or MIN_SHRINK <= old / new <= MAX_SHRINK
+        for old, new in ((width, scaled_w), (height, scaled_h))
+    )

@@ -16,8 +16,8 @@ from PIL import Image
 
 from clipserve.repository import Preprocess
 from clipserve.server.errors import InvalidInput
-from clipserve.server.preprocess import ImagePreprocessor
-from clipserve.server.preprocess_simd import FAST_UPSAMPLE_SHRINK, SimdJpeg
+from clipserve.server.preprocess import ImagePreprocessor, plan_geometry
+from clipserve.server.preprocess_simd import FAST_UPSAMPLE_SHRINK, SimdJpeg, _within_envelope
 from tests.unit.test_preprocess import (
     MEAN,
     PHOTOS,
@@ -30,10 +30,8 @@ from tests.unit.test_preprocess import (
     reference,
 )
 
-JPEG_SIZES = (
-    (1920, 1080), (1080, 1920), (1280, 720), (640, 480), (448, 448), (300, 500), (256, 256),
-    (225, 224),
-)
+# Inside the SIMD path's envelope at size 224 (shrinks of 2 to 24, fast chroma upsampling from 8).
+JPEG_SIZES = ((1920, 1080), (1080, 1920), (1280, 720), (640, 480), (448, 448), (2048, 2048))
 
 
 def jpeg(name: str, width: int, height: int, mode: str = "RGB", **options: object) -> bytes:
@@ -66,9 +64,9 @@ def simd() -> ImagePreprocessor:
 @pytest.mark.slow
 @pytest.mark.parametrize("resize_mode", ["shortest", "squash", "longest"])
 def test_jpeg_parity_with_open_clip(resize_mode: str) -> None:
-    """Photos and detail mosaics, both chroma upsamplings (1920x1080 shrinks by more than
-    FAST_UPSAMPLE_SHRINK, 448x448 by 2): within the requirement, and not bit-exact (> 0: the
-    SIMD path ran, not the exact one)."""
+    """Photos and detail mosaics, both chroma upsamplings (2048x2048 shrinks by more than
+    FAST_UPSAMPLE_SHRINK, the others by less): within the requirement, and not bit-exact
+    (> 0: the SIMD path ran, not the exact one)."""
     cfg = config(resize_mode)
     ours, ref = ImagePreprocessor(cfg, simd=True), reference(cfg)
     errors = {}
@@ -82,8 +80,59 @@ def test_jpeg_parity_with_open_clip(resize_mode: str) -> None:
             errors[f"{name} {width}x{height}"] = pixel_error(out, ref(Image.open(io.BytesIO(data))))
     worst = max(errors, key=errors.__getitem__)
     assert errors[worst] < 0.5, f"{worst}: {errors[worst]:.4f}"
-    shrunk = {k: v for k, v in errors.items() if not k.endswith("225x224")}
-    assert min(shrunk.values()) > 0.0, "the SIMD path did not run"
+    assert min(errors.values()) > 0.0, "the SIMD path did not run"
+
+
+def noise_jpeg(width: int, height: int, subsampling: int, seed: int = 0) -> bytes:
+    """Colour noise: the worst content for resampling and for replicated chroma."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=90, subsampling=subsampling)
+    return buf.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("size", "resize_mode", "width", "height"),
+    [
+        (224, "shortest", 448, 448),  # MIN_SHRINK
+        (224, "shortest", 449, 672),
+        (224, "squash", 1075, 605),
+        (224, "shortest", 1920, 1080),  # below FAST_UPSAMPLE_SHRINK: replicated chroma shows here
+        (224, "shortest", 1792, 1792),  # FAST_UPSAMPLE_SHRINK: replicated chroma from here
+        (128, "shortest", 256, 256),  # MIN_OUTPUT
+        (128, "squash", 3000, 3000),  # near MAX_SHRINK
+    ],
+)
+def test_the_envelope_holds_on_colour_noise(
+    size: int, resize_mode: str, width: int, height: int
+) -> None:
+    """At the corners of the envelope (MIN_SHRINK, MAX_SHRINK, MIN_OUTPUT,
+    FAST_UPSAMPLE_SHRINK), colour noise with and without chroma subsampling stays within the
+    requirement; the SIMD path ran (not bit-exact)."""
+    cfg = config(resize_mode, size=size)
+    ours, exact = ImagePreprocessor(cfg, simd=True), ImagePreprocessor(cfg)
+    for subsampling in (0, 2):  # 4:4:4, 4:2:0
+        data = noise_jpeg(width, height, subsampling)
+        error = pixel_error(ours.decode(data), exact.decode(data).astype(np.float64))
+        assert 0.0 < error < 0.5, (subsampling, error)
+
+
+@pytest.mark.parametrize(
+    ("size", "width", "height"),
+    [(224, 336, 336), (224, 300, 500), (100, 1920, 1080), (128, 4000, 3200), (224, 100, 80)],
+    ids=["shrink-1.5", "shrink-1.34", "output-100", "shrink-25", "enlarged"],
+)
+def test_outside_the_envelope_is_the_exact_path(size: int, width: int, height: int) -> None:
+    """Shrinks below MIN_SHRINK or above MAX_SHRINK, outputs below MIN_OUTPUT, enlargements:
+    bit-identical to the exact path."""
+    cfg = config(size=size)
+    data = jpeg("chelsea", width, height)
+    np.testing.assert_array_equal(
+        ImagePreprocessor(cfg, simd=True).decode(data), ImagePreprocessor(cfg).decode(data)
+    )
+    geo = plan_geometry(width, height, size, "shortest")
+    assert not _within_envelope(geo)
 
 
 @pytest.mark.parametrize(
@@ -111,16 +160,21 @@ def test_jpeg_variants_keep_parity(options: dict[str, object]) -> None:
 @pytest.mark.slow
 def test_every_other_image_is_the_exact_paths(images: list[tuple[str, bytes]]) -> None:  # noqa: F811
     """test_preprocess's parity set: what the SIMD path does not take (PNG, WebP, BMP, GIF,
-    CMYK JPEGs, enlargements, plain crops) comes out bit-identical to the exact path, and the
-    JPEGs it takes stay within the requirement."""
+    CMYK JPEGs, and JPEGs outside its envelope: enlargements, plain crops, small shrinks) comes
+    out bit-identical to the exact path, and the JPEGs it takes stay within the requirement."""
     cfg = config()
     exact, ours, ref = ImagePreprocessor(cfg), ImagePreprocessor(cfg, simd=True), reference(cfg)
+    taken = 0
     for label, data in images:
         out = ours.decode(data)
-        if " JPEG" not in label or " CMYK " in label:
-            np.testing.assert_array_equal(out, exact.decode(data), err_msg=label)
-        else:
+        size = Image.open(io.BytesIO(data)).size
+        geo = plan_geometry(*size, cfg.size, cfg.resize_mode)
+        if " JPEG" in label and " CMYK " not in label and geo.resize and _within_envelope(geo):
+            taken += 1
             assert pixel_error(out, ref(Image.open(io.BytesIO(data)))) < 0.5, label
+        else:
+            np.testing.assert_array_equal(out, exact.decode(data), err_msg=label)
+    assert taken >= 1  # the 1920x1080 JPEG
 
 
 def test_below_the_fast_upsampling_shrink_the_decode_is_pillows() -> None:
@@ -137,13 +191,12 @@ def test_below_the_fast_upsampling_shrink_the_decode_is_pillows() -> None:
             np.testing.assert_array_equal(ours.reshape(pillow.shape), pillow)
 
 
-def test_enlargement_and_bilinear_take_the_exact_path() -> None:
-    small = jpeg("chelsea", 100, 80)  # enlarged to 224: libvips' reducers only shrink
+def test_bilinear_models_take_the_exact_path() -> None:
     big = jpeg("coffee", 640, 480)
-    for data, cfg in ((small, config()), (big, config(interpolation="bilinear"))):
-        np.testing.assert_array_equal(
-            ImagePreprocessor(cfg, simd=True).decode(data), ImagePreprocessor(cfg).decode(data)
-        )
+    cfg = config(interpolation="bilinear")
+    np.testing.assert_array_equal(
+        ImagePreprocessor(cfg, simd=True).decode(big), ImagePreprocessor(cfg).decode(big)
+    )
     shrunk = ImagePreprocessor(config(), simd=True).decode(big)
     assert not np.array_equal(shrunk, ImagePreprocessor(config()).decode(big))
 
@@ -211,14 +264,15 @@ def test_threads_get_the_same_pixels(simd: ImagePreprocessor) -> None:
         t.start()
     for t in threads:
         t.join()
+    assert sorted(results) == [0, 1, 2, 3]  # every thread finished without an exception
     for k, outs in results.items():
         for i, out in enumerate(outs):
             np.testing.assert_array_equal(out, expected[(k + i) % 4])
 
 
 def test_fast_upsampling_only_when_the_shrink_hides_it() -> None:
-    """libjpeg's replicated chroma is used from FAST_UPSAMPLE_SHRINK on (1920x1080 to 224:
-    4.8x) and not at 2x (448x448), where it would cost ~0.46 levels."""
+    """libjpeg's replicated chroma is used from FAST_UPSAMPLE_SHRINK on (2048x2048 to 224:
+    9.1x) and not below (1920x1080: 4.8x, where colour noise would show it)."""
     calls: list[bool] = []
     pp = ImagePreprocessor(config(), simd=True)
     path = pp._simd
@@ -230,10 +284,10 @@ def test_fast_upsampling_only_when_the_shrink_hides_it() -> None:
         return decode(data, colorspace, **kw)
 
     path._jpeg = type("Spy", (), {"decode_jpeg": staticmethod(spy)})
+    pp.decode(jpeg("rocket", 2048, 2048))
     pp.decode(jpeg("rocket", 1920, 1080))
-    pp.decode(jpeg("rocket", 448, 448))
     assert calls == [True, False]
-    assert 1080 / 224 >= FAST_UPSAMPLE_SHRINK > 448 / 224
+    assert 2048 / 224 >= FAST_UPSAMPLE_SHRINK > 1080 / 224
 
 
 def test_simd_and_fast_exclude_each_other() -> None:
