@@ -27,7 +27,9 @@ get() { "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 
 get .whl grpcio==1.81.1 grpcio-health-checking==1.81.1 grpcio-reflection==1.81.1 \
     protobuf==6.33.5 open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.2.13
 if [ "${SIMD:-1}" = 1 ]; then
-  get .whl simplejpeg==1.9.0 pyvips==3.2.0 pyvips-binary==8.18.7 cffi==2.1.1 pycparser==3.12
+  get .whl simplejpeg==1.9.0 pyvips-binary==8.18.7 cffi==2.1.1 pycparser==3.12
+  # pyvips is published as a source archive only: build its (pure-Python) wheel here
+  "$PY" -m pip wheel -q --no-deps -w .whl pyvips==3.2.0
 fi
 get "$tmp" "onnxruntime-gpu==$ORT"
 mkdir "$tmp/pkg"
