@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Fetch what benchmarks/gpu_check.sh installs on a GPU machine with no package index, into .whl/
 # (ignored by git: add `/.whl/` to .git/info/exclude), for CPython 3.12 x86-64, as few bytes as
-# possible (about 57 MB):
+# possible (about 66 MB; 57 MB with SIMD=0):
 #   - the server's small dependencies as wheels (grpcio, protobuf, open_clip, ...);
 #   - with SIMD=1 (the default), the `simd` extra's wheels (simplejpeg, pyvips with its libvips
-#     build, cffi; about 9 MB more), for gpu_check.py's --preprocess-simd JPEG points;
+#     build, cffi; about 9 MB), for gpu_check.py's --preprocess-simd JPEG points;
 #   - onnxruntime-gpu (CUDA 13 build) as one .tar.xz of its Python package, pruned to the device
 #     code of one GPU architecture (ARCH, default 90: H100/H200) by benchmarks/prune_fatbin.py,
 #     without the C API library (libonnxruntime.so, not used from Python) and without its
