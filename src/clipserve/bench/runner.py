@@ -612,15 +612,16 @@ PREPROCESS_PATHS = {
     "clipserve simd": "--preprocess-simd",
     "clipserve fast": "fast mode, library only",
 }
+#: The paths a server can be told to take (the target measures one of them).
+SERVED_PATHS = ("clipserve exact", "clipserve simd")
 
 
 def preprocess_choice(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The fastest of clipserve's paths whose every image (photos and detail mosaics) is within
-    the parity requirement; the exact path is (bit-for-bit) whenever nothing faster is."""
+    """The fastest of the server's paths whose every image (photos and detail mosaics) is
+    within the parity requirement; the exact path (bit-for-bit) whenever nothing faster is."""
     within = [
         row for name, row in rows.items()
-        if name in PREPROCESS_PATHS
-        and _worst(row) < PARITY_LIMIT
+        if name in SERVED_PATHS and _worst(row) < PARITY_LIMIT
     ]
     return max(within, key=lambda row: row["vs_open_clip"], default=rows["clipserve exact"])
 
