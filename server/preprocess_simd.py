@@ -10,10 +10,10 @@ centre crop needs, on the calling thread. Not bit-exact: the passes run in the o
 round differently. docs/preprocessing.md measures its parity and speed.
 
 Only what both libraries do as Pillow does comes here: baseline or progressive JPEGs in
-greyscale or YCbCr/RGB, shrunk (not enlarged) along each axis, with bicubic filtering.
-Everything else, and every JPEG that libjpeg-turbo decodes only with a warning (truncated or
-corrupt data), goes back to the exact path, which accepts or refuses it and words the error as
-for every other image.
+greyscale or YCbCr/RGB, for bicubic models, inside the envelope below (each axis kept or shrunk
+2x to 24x, outputs of 128 pixels or more a side). Everything else, and every JPEG that
+libjpeg-turbo decodes only with a warning (truncated or corrupt data), goes back to the exact
+path, which accepts or refuses it and words the error as for every other image.
 """
 
 from __future__ import annotations
