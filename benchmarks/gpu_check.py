@@ -42,6 +42,7 @@ from clipserve.bench.measure import Sample, engine_sample, load_point, merged
 from clipserve.bench.servers import InProcessServer, LoadGenerator
 from clipserve.repository import load_manifest
 from clipserve.server.engine import EngineOptions, OnnxTower, choose_providers
+from clipserve.server.preprocess_simd import unavailable as simd_unavailable
 from clipserve.server.settings import Device
 
 log = logging.getLogger("gpu_check")
@@ -170,14 +171,6 @@ TENSORS = ALL_SCENARIOS[:2]
 JPEGS = ALL_SCENARIOS[2:4]
 
 
-def simd_available() -> bool:
-    """Whether the `simd` extra's libraries (carried by gpu_wheels.sh) import here."""
-    try:
-        import pyvips  # noqa: F401
-        import simplejpeg  # noqa: F401
-    except (ImportError, OSError):
-        return False
-    return True
 
 
 def served(name: str, repo: Path, device: Device, processes: int, seconds: float,
@@ -262,14 +255,15 @@ def main() -> None:
         )),
         ("raw fp32", lambda: raw_sessions("fp32", args.fp32, device, buckets[:4], args.seconds)),
     ]
-    if simd_available():  # the JPEG points again with the SIMD JPEG path (--preprocess-simd)
+    missing = simd_unavailable()  # the simd extra's wheels, carried by gpu_wheels.sh
+    if not missing:  # the JPEG points again with the SIMD JPEG path (--preprocess-simd)
         steps.insert(3, ("grpc fp16 simd JPEGs", lambda: served(
             "fp16-simd", args.fp16, device, args.processes, args.seconds * 2,
             {**serving, "preprocess_simd": True}, JPEGS,
         )))
     else:
-        say("skipped/grpc fp16 simd JPEGs", "simd extra missing",
-            "no SIMD JPEG points: simplejpeg or pyvips does not import (gpu_wheels.sh SIMD=1)")
+        say("skipped/grpc fp16 simd JPEGs", missing,
+            f"no SIMD JPEG points (gpu_wheels.sh SIMD=1 carries them): {missing}")
     if args.fp16_attention is not None:
         attention = args.fp16_attention
         steps[2:2] = [

@@ -79,9 +79,16 @@ def _load() -> tuple[Any, Any]:
         logging.getLogger("pyvips").setLevel(logging.WARNING)
     # No operation cache: pipelines start from memory that is reused, and nothing repeats.
     pyvips.cache_set_max(0)
-    pyvips.cache_set_max_mem(0)
-    pyvips.cache_set_max_files(0)
     return simplejpeg, pyvips
+
+
+def unavailable() -> str:
+    """Why the SIMD path cannot start here (the `simd` extra missing), or "" when it can."""
+    try:
+        _load()
+    except RuntimeError as exc:
+        return str(exc)
+    return ""
 
 
 class SimdJpeg:
@@ -104,14 +111,20 @@ class SimdJpeg:
             self.versions["simplejpeg"], self.versions["libvips"],
         )
 
+    def accepts(self, geo: Any) -> bool:
+        """Whether this path takes an image of geometry ``geo`` (a `preprocess.Geometry`):
+        a bicubic model and a resize inside the envelope; nearest neighbour, plain crops,
+        enlargements and the rest are Pillow's job. Swapping the image's axes (an EXIF
+        rotation) does not change the answer."""
+        return self.kernel is not None and geo.resize and _within_envelope(geo)
+
     def pixels(
         self, data: bytes, *, grey: bool, orientation: int, geo: Any
     ) -> np.ndarray | None:
         """Decode and resample ``data`` (a JPEG whose header Pillow read: ``grey`` for mode L,
-        else RGB) to ``geo`` (a `preprocess.Geometry` of the oriented image)."""
+        else RGB) to ``geo`` (a `preprocess.Geometry` of the oriented image, which `accepts`);
+        None when the exact path must do it after all."""
         (width, height), (scaled_w, scaled_h) = geo.source, geo.scaled
-        if self.kernel is None or not geo.resize or not _within_envelope(geo):
-            return None  # nearest neighbour, a plain crop, an enlargement, ...: Pillow's job
         shrink = min(width / scaled_w, height / scaled_h)
         try:
             decoded = self._jpeg.decode_jpeg(
