@@ -6,7 +6,8 @@ that cost more than the JPEG decode at 1920x1080. This path decodes the whole JP
 reduced-scale decode loses parity: docs/preprocessing.md, "Where the parity goes"), then lets
 libvips shrink it with the same filter (Catmull-Rom cubic, widened by the shrink factor as
 Pillow's is): its reducers run on vector units and, demand-driven, compute only the pixels the
-centre crop needs, on the calling thread. Not bit-exact: the passes run in the other order and
+centre crop needs, on the calling thread; each thread reuses the decode buffer and graph of
+the last size it saw (`REUSE_MAX_BYTES`). Not bit-exact: the passes run in the other order and
 round differently. docs/preprocessing.md measures its parity and speed.
 
 Only what both libraries do as Pillow does comes here: baseline or progressive JPEGs in
@@ -19,6 +20,7 @@ path, which accepts or refuses it and words the error as for every other image.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 import numpy as np
@@ -47,6 +49,11 @@ MIN_OUTPUT = 128
 # difference away even for colour noise (at a 4x shrink it does not). Below it, the decode is
 # libjpeg-turbo's default, bit-identical to the one Pillow (and open_clip) sees.
 FAST_UPSAMPLE_SHRINK = 8.0
+# Each thread keeps the pipeline of the last image size it saw (the decode buffer and the
+# libvips graph that reads it) when the decoded image holds at most this many bytes: building a
+# graph takes almost as long as running it at 1920x1080 (longer at 640x480), and the sizes of
+# a stream of uploads repeat. Larger images build theirs per call, so a thread never holds more than this.
+REUSE_MAX_BYTES = 16 << 20
 
 # EXIF orientation -> libvips operations that turn the stored image upright (as
 # `PIL.Image.transpose` with `_TRANSPOSE` in preprocess.py does).
@@ -91,14 +98,37 @@ def unavailable() -> str:
     return ""
 
 
+class _Pipeline:
+    """A decode buffer and the libvips graph that resamples it to one geometry, for one thread.
+
+    libvips' graphs are lazy: the region computes its pixels from ``buffer`` each time it is
+    fetched after `run` has told libvips that the buffer's pixels changed.
+    """
+
+    def __init__(self, vips: Any, key: tuple[int, ...], buffer: np.ndarray, image: Any,
+                 output: Any, crop: tuple[int, int, int, int]) -> None:
+        self.key, self.buffer, self._input = key, buffer, image
+        self._region, self._crop = vips.Region.new(output), crop
+
+    def run(self) -> bytes:
+        """The crop's pixels from what is in ``buffer`` now."""
+        # libvips' contract for memory changed under an image: drop whatever pixels the graph
+        # may hold from the last run.
+        self._input.invalidate()
+        region: bytes = self._region.fetch(*self._crop)
+        return region
+
+
 class SimdJpeg:
     """JPEG bytes -> uint8 [S, S, bands] with open_clip's geometry, or None (use the exact path).
 
-    Thread-safe: both libraries release the interpreter lock while they work.
+    Thread-safe: both libraries release the interpreter lock while they work, and the pipeline
+    a thread reuses (`REUSE_MAX_BYTES`) is its own.
     """
 
     def __init__(self, cfg: Preprocess) -> None:
         self._jpeg, self._vips = _load()
+        self._local = threading.local()
         self.kernel = _KERNELS.get(cfg.interpolation)
         self.fill = cfg.fill_color
         self.versions = {
@@ -126,24 +156,35 @@ class SimdJpeg:
         None when the exact path must do it after all."""
         (width, height), (scaled_w, scaled_h) = geo.source, geo.scaled
         shrink = min(width / scaled_w, height / scaled_h)
+        bands = 1 if grey else 3
+        # The stored image's size, as Pillow's header read it.
+        rows, cols = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+        key = (rows, cols, bands, orientation)
+        pipeline: _Pipeline | None = getattr(self._local, "pipeline", None)
+        if pipeline is not None and pipeline.key != key:
+            pipeline = self._local.pipeline = None  # another size: let its buffer go first
         try:
             decoded = self._jpeg.decode_jpeg(
                 data, "GRAY" if grey else "RGB",
                 fastupsample=shrink >= FAST_UPSAMPLE_SHRINK, strict=True,
+                buffer=None if pipeline is None else pipeline.buffer,
             )
-        except ValueError:  # corrupt, truncated, or a warning: the exact path decides
+        except ValueError:  # corrupt, truncated, a warning, or not the size the header said
             logger.debug("SIMD JPEG decode declined", exc_info=True)
             return None
-        rows, cols = decoded.shape[:2]
-        bands = 1 if grey else 3
-        if (cols, rows) != ((height, width) if orientation in (5, 6, 7, 8) else (width, height)):
+        if decoded.shape[:2] != (rows, cols):
             return None  # not the image Pillow's header described (e.g. a multi-frame file)
         try:
-            region = self._resample(decoded.reshape(rows, cols, bands), orientation, geo)
+            if pipeline is None:
+                pipeline = self._pipeline(decoded.reshape(rows, cols, bands), key, geo)
+                if pipeline is None:
+                    return None
+                if decoded.nbytes <= REUSE_MAX_BYTES:
+                    self._local.pipeline = pipeline
+            region = pipeline.run()
         except self._vips.Error:  # e.g. a limit of libvips': the exact path can still do it
             logger.debug("SIMD resampling declined", exc_info=True)
-            return None
-        if region is None:
+            self._local.pipeline = None
             return None
         (out_w, out_h) = geo.size
         pixels = np.frombuffer(region, np.uint8).reshape(out_h, out_w, bands)
@@ -155,27 +196,30 @@ class SimdJpeg:
             )
         return pixels
 
-    def _resample(self, decoded: np.ndarray, orientation: int, geo: Any) -> bytes | None:
-        """libvips: orient, shrink to ``geo.scaled``, and compute the crop's region only."""
+    def _pipeline(
+        self, decoded: np.ndarray, key: tuple[int, ...], geo: Any
+    ) -> _Pipeline | None:
+        """libvips' graph over ``decoded``: orient, shrink to ``geo.scaled``, and compute the
+        crop's region only; None if libvips would not make ``geo``'s sizes."""
         rows, cols, bands = decoded.shape
         image = self._vips.Image.new_from_memory(decoded.data, cols, rows, bands, "uchar")
-        for method, direction in _ORIENT.get(orientation, ()):
-            image = getattr(image, method)(direction)
+        output = image
+        for method, direction in _ORIENT.get(key[3], ()):
+            output = getattr(output, method)(direction)
         (width, height), (scaled_w, scaled_h) = geo.source, geo.scaled
         vshrink, hshrink = height / scaled_h, width / scaled_w
         if scaled_h != height and scaled_w != width:
-            image = image.reduce(hshrink, vshrink, kernel=self.kernel)  # vertical pass first
+            output = output.reduce(hshrink, vshrink, kernel=self.kernel)  # vertical pass first
         elif scaled_h != height:
-            image = image.reducev(vshrink, kernel=self.kernel)
+            output = output.reducev(vshrink, kernel=self.kernel)
         else:
-            image = image.reduceh(hshrink, kernel=self.kernel)
-        if (image.width, image.height) != (scaled_w, scaled_h):
+            output = output.reduceh(hshrink, kernel=self.kernel)
+        if (output.width, output.height) != (scaled_w, scaled_h):
             return None  # libvips rounded a size differently: never hand back a wrong shape
         (out_w, out_h), (left, top) = geo.size, geo.crop
-        # Computing one region runs the pipeline on this thread, for that region only (the
-        # crop's columns of the vertical pass): no worker thread, no crop operation.
-        region: bytes = self._vips.Region.new(image).fetch(left, top, out_w, out_h)
-        return region
+        # Fetching one region runs the graph on this thread, for that region only (the crop's
+        # columns of the vertical pass): no worker thread, no crop operation.
+        return _Pipeline(self._vips, key, decoded, image, output, (left, top, out_w, out_h))
 
 
 def _within_envelope(geo: Any) -> bool:

@@ -16,6 +16,7 @@ from PIL import Image
 
 from benchmarks.bench_preprocess import detail  # the bench's mosaics, the docs' figures
 from clipserve.repository import Preprocess
+from clipserve.server import preprocess_simd
 from clipserve.server.errors import InvalidInput
 from clipserve.server.preprocess import ImagePreprocessor, plan_geometry
 from clipserve.server.preprocess_simd import FAST_UPSAMPLE_SHRINK, SimdJpeg
@@ -251,6 +252,75 @@ def test_threads_get_the_same_pixels(simd: ImagePreprocessor) -> None:
     for k, outs in results.items():
         for i, out in enumerate(outs):
             np.testing.assert_array_equal(out, expected[(k + i) % 4])
+
+
+def rotated(name: str, width: int, height: int, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    photo(name, width, height).save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
+def count_builds(pp: ImagePreprocessor, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """The keys of the pipelines ``pp``'s SIMD path builds from now on."""
+    path = pp._simd
+    assert isinstance(path, SimdJpeg)
+    built: list[tuple] = []
+    build = path._pipeline
+
+    def spy(decoded: np.ndarray, key: tuple, geo: object) -> object:
+        built.append(key)
+        return build(decoded, key, geo)
+
+    monkeypatch.setattr(path, "_pipeline", spy)
+    return built
+
+
+def test_reused_pipeline_gives_a_fresh_pipelines_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A thread reuses the decode buffer and libvips graph of the last size it saw: every
+    image comes out bit-identical to a pipeline built for it alone, whatever came before it
+    (other photos of the size, another size, another orientation, a grey image, a corrupt
+    file that stopped half-way through the buffer)."""
+    cases = [jpeg(name, 1280, 720) for name in PHOTOS] + [detail(1280, 720, 0)]
+    cases += [rotated("astronaut", 720, 1280, 6), rotated("coffee", 720, 1280, 8)]
+    cases += [jpeg("coffee", 1280, 720, mode="L"), jpeg("rocket", 900, 500)]
+    order = [0, 1, 2, 3, 4, 0, 5, 6, 5, 1, 7, 2, 8, 8, 3, 4, 3]
+    with monkeypatch.context() as m:
+        m.setattr(preprocess_simd, "REUSE_MAX_BYTES", 0)  # every call builds its own
+        alone = ImagePreprocessor(config(), simd=True)
+        built_alone = count_builds(alone, m)
+        expected = [alone.decode(data) for data in cases]
+        assert len(built_alone) == len(cases)
+    pp = ImagePreprocessor(config(), simd=True)
+    built = count_builds(pp, monkeypatch)
+    truncated = cases[1][: len(cases[1]) * 2 // 3]
+    for step, k in enumerate(order):
+        np.testing.assert_array_equal(pp.decode(cases[k]), expected[k], err_msg=f"step {step}")
+        if step == 3:  # the same size, cut short: refused, and the next image is whole again
+            with pytest.raises(InvalidInput, match="truncated or corrupt"):
+                pp.decode(truncated)
+    # One build per change of stored size, bands or orientation, not one per image.
+    keys = [(720, 1280, 3, 1)] * 5 + [(1280, 720, 3, 6), (1280, 720, 3, 8)]
+    keys += [(720, 1280, 1, 1), (500, 900, 3, 1)]
+    changes = [keys[k] for i, k in enumerate(order) if i == 0 or keys[k] != keys[order[i - 1]]]
+    assert built == changes
+    assert len(built) < len(order)
+
+
+def test_large_images_keep_no_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Above REUSE_MAX_BYTES a decoded image is not kept between calls."""
+    monkeypatch.setattr(preprocess_simd, "REUSE_MAX_BYTES", 1280 * 720 * 3 - 1)
+    pp = ImagePreprocessor(config(), simd=True)
+    built = count_builds(pp, monkeypatch)
+    small, large = jpeg("rocket", 1280, 719), jpeg("rocket", 1280, 720)
+    first = [pp.decode(data) for data in (large, large, small, small)]
+    assert built == [(720, 1280, 3, 1), (720, 1280, 3, 1), (719, 1280, 3, 1)]
+    assert pp._simd is not None
+    assert pp._simd._local.pipeline.key == (719, 1280, 3, 1)
+    np.testing.assert_array_equal(first[0], first[1])
+    pp.decode(large)  # a large image also lets the kept small one go
+    assert pp._simd._local.pipeline is None
 
 
 def test_fast_upsampling_only_when_the_shrink_hides_it() -> None:
