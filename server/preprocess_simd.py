@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,11 +50,13 @@ MIN_OUTPUT = 128
 # difference away even for colour noise (at a 4x shrink it does not). Below it, the decode is
 # libjpeg-turbo's default, bit-identical to the one Pillow (and open_clip) sees.
 FAST_UPSAMPLE_SHRINK = 8.0
-# Each thread keeps the pipeline of the last image size it saw (the decode buffer and the
+# Each thread keeps the pipeline of the last image geometry it saw (the decode buffer and the
 # libvips graph that reads it) when the decoded image holds at most this many bytes: building a
 # graph takes almost as long as running it at 1920x1080 (longer at 640x480), and the sizes of
-# a stream of uploads repeat. Larger images build theirs per call, so a thread never holds more than this.
-REUSE_MAX_BYTES = 16 << 20
+# a stream of uploads repeat. Larger images build theirs per call and keep nothing. A kept
+# pipeline also holds the buffers libvips' operations keep between fetches: under twice the
+# decode buffer in all, which a test checks.
+REUSE_MAX_BYTES = 8 << 20
 
 # EXIF orientation -> libvips operations that turn the stored image upright (as
 # `PIL.Image.transpose` with `_TRANSPOSE` in preprocess.py does).
@@ -84,7 +87,7 @@ def _load() -> tuple[Any, Any]:
         remove_log_handler()
     else:  # a pyvips without it: at least keep the messages out of the server's log
         logging.getLogger("pyvips").setLevel(logging.WARNING)
-    # No operation cache: pipelines start from memory that is reused, and nothing repeats.
+    # No operation cache: each thread keeps its own pipeline (SimdJpeg), nothing else repeats.
     pyvips.cache_set_max(0)
     return simplejpeg, pyvips
 
@@ -98,25 +101,41 @@ def unavailable() -> str:
     return ""
 
 
+@dataclass(frozen=True)
+class _Key:
+    """What a pipeline is built for: the stored JPEG's band count (1 grey, 3 colour) and EXIF
+    orientation, and the geometry (`preprocess.Geometry`) of the oriented image."""
+
+    bands: int
+    orientation: int
+    geo: Any
+
+    @property
+    def stored_shape(self) -> tuple[int, int, int]:
+        """The decoded (rows, cols, bands): the stored image, before the orientation."""
+        width, height = self.geo.source
+        rows, cols = (width, height) if self.orientation in (5, 6, 7, 8) else (height, width)
+        return rows, cols, self.bands
+
+
+@dataclass(frozen=True, eq=False)
 class _Pipeline:
-    """A decode buffer and the libvips graph that resamples it to one geometry, for one thread.
+    """A decode buffer and the libvips graph that resamples it to ``key``'s geometry, for one
+    thread (a region belongs to the thread that fetches it)."""
 
-    libvips' graphs are lazy: the region computes its pixels from ``buffer`` each time it is
-    fetched after `run` has told libvips that the buffer's pixels changed.
-    """
+    key: _Key
+    buffer: np.ndarray  # uint8 [rows, cols, bands], what the graph reads
+    image: Any  # the libvips image over ``buffer``
+    region: Any  # a libvips region of the graph's output
+    crop: tuple[int, int, int, int]  # left, top, width, height
 
-    def __init__(self, vips: Any, key: tuple[int, ...], buffer: np.ndarray, image: Any,
-                 output: Any, crop: tuple[int, int, int, int]) -> None:
-        self.key, self.buffer, self._input = key, buffer, image
-        self._region, self._crop = vips.Region.new(output), crop
-
-    def run(self) -> bytes:
-        """The crop's pixels from what is in ``buffer`` now."""
+    def run(self) -> Any:
+        """The crop's pixels (a buffer of uint8 [height, width, bands]) from what ``buffer``
+        holds now."""
         # libvips' contract for memory changed under an image: drop whatever pixels the graph
-        # may hold from the last run.
-        self._input.invalidate()
-        region: bytes = self._region.fetch(*self._crop)
-        return region
+        # holds from the last run (today's libvips recomputes a fetched region anyway).
+        self.image.invalidate()
+        return self.region.fetch(*self.crop)
 
 
 class SimdJpeg:
@@ -156,27 +175,26 @@ class SimdJpeg:
         None when the exact path must do it after all."""
         (width, height), (scaled_w, scaled_h) = geo.source, geo.scaled
         shrink = min(width / scaled_w, height / scaled_h)
-        bands = 1 if grey else 3
-        # The stored image's size, as Pillow's header read it.
-        rows, cols = (width, height) if orientation in (5, 6, 7, 8) else (height, width)
-        key = (rows, cols, bands, orientation)
+        key = _Key(1 if grey else 3, orientation, geo)
+        rows, cols, bands = key.stored_shape  # as Pillow's header read it
         pipeline: _Pipeline | None = getattr(self._local, "pipeline", None)
         if pipeline is not None and pipeline.key != key:
-            pipeline = self._local.pipeline = None  # another size: let its buffer go first
+            self._local.pipeline = None  # another geometry: let its buffer go before decoding
+            pipeline = None
         try:
             decoded = self._jpeg.decode_jpeg(
                 data, "GRAY" if grey else "RGB",
                 fastupsample=shrink >= FAST_UPSAMPLE_SHRINK, strict=True,
                 buffer=None if pipeline is None else pipeline.buffer,
             )
-        except ValueError:  # corrupt, truncated, a warning, or not the size the header said
+        except ValueError:  # corrupt, truncated, a warning, or larger than the header said
             logger.debug("SIMD JPEG decode declined", exc_info=True)
             return None
         if decoded.shape[:2] != (rows, cols):
             return None  # not the image Pillow's header described (e.g. a multi-frame file)
         try:
             if pipeline is None:
-                pipeline = self._pipeline(decoded.reshape(rows, cols, bands), key, geo)
+                pipeline = self._build_pipeline(decoded.reshape(rows, cols, bands), key)
                 if pipeline is None:
                     return None
                 if decoded.nbytes <= REUSE_MAX_BYTES:
@@ -196,16 +214,15 @@ class SimdJpeg:
             )
         return pixels
 
-    def _pipeline(
-        self, decoded: np.ndarray, key: tuple[int, ...], geo: Any
-    ) -> _Pipeline | None:
-        """libvips' graph over ``decoded``: orient, shrink to ``geo.scaled``, and compute the
-        crop's region only; None if libvips would not make ``geo``'s sizes."""
+    def _build_pipeline(self, decoded: np.ndarray, key: _Key) -> _Pipeline | None:
+        """libvips' graph over ``decoded``: orient, shrink to the geometry's scaled size, and
+        compute the crop's region only; None if libvips would not make the geometry's sizes."""
         rows, cols, bands = decoded.shape
         image = self._vips.Image.new_from_memory(decoded.data, cols, rows, bands, "uchar")
         output = image
-        for method, direction in _ORIENT.get(key[3], ()):
+        for method, direction in _ORIENT.get(key.orientation, ()):
             output = getattr(output, method)(direction)
+        geo = key.geo
         (width, height), (scaled_w, scaled_h) = geo.source, geo.scaled
         vshrink, hshrink = height / scaled_h, width / scaled_w
         if scaled_h != height and scaled_w != width:
@@ -219,7 +236,8 @@ class SimdJpeg:
         (out_w, out_h), (left, top) = geo.size, geo.crop
         # Fetching one region runs the graph on this thread, for that region only (the crop's
         # columns of the vertical pass): no worker thread, no crop operation.
-        return _Pipeline(self._vips, key, decoded, image, output, (left, top, out_w, out_h))
+        region = self._vips.Region.new(output)
+        return _Pipeline(key, decoded, image, region, (left, top, out_w, out_h))
 
 
 def _within_envelope(geo: Any) -> bool:

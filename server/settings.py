@@ -69,7 +69,7 @@ class ServerSettings:
     preprocess_simd: bool = _opt(
         False,
         "decode JPEGs with libjpeg-turbo (simplejpeg) and shrink them with libvips' SIMD "
-        "reducers: about 1.8x the images/s per core of the exact path at 1920x1080, within 0.2 "
+        "reducers: about 2x the images/s per core of the exact path at 1920x1080, within 0.2 "
         "levels of open_clip's pixels on photos (the requirement: 0.5); bicubic models and "
         "shrinks of 2x to 24x only, every other image keeps the exact path; needs the `simd` "
         "extra (docs/preprocessing.md). Off: Pillow, bit-for-bit open_clip's transform",

@@ -6,9 +6,12 @@ Parity in 8-bit pixel units as in test_preprocess.py; the requirement is < 0.5 p
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import io
 import logging
 import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -262,19 +265,37 @@ def rotated(name: str, width: int, height: int, orientation: int) -> bytes:
     return buf.getvalue()
 
 
-def count_builds(pp: ImagePreprocessor, monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
-    """The keys of the pipelines ``pp``'s SIMD path builds from now on."""
+Built = tuple[tuple[int, ...], int]  # the decoded (rows, cols, bands) and the orientation
+
+
+def count_builds(pp: ImagePreprocessor, monkeypatch: pytest.MonkeyPatch) -> list[Built]:
+    """What the pipelines that ``pp``'s SIMD path builds from now on are for."""
     path = pp._simd
     assert isinstance(path, SimdJpeg)
-    built: list[tuple] = []
-    build = path._pipeline
+    built: list[Built] = []
+    build = path._build_pipeline
 
-    def spy(decoded: np.ndarray, key: tuple, geo: object) -> object:
-        built.append(key)
-        return build(decoded, key, geo)
+    def spy(decoded: np.ndarray, key: Any) -> object:
+        built.append((decoded.shape, key.orientation))
+        return build(decoded, key)
 
-    monkeypatch.setattr(path, "_pipeline", spy)
+    monkeypatch.setattr(path, "_build_pipeline", spy)
     return built
+
+
+def spy_buffers(pp: ImagePreprocessor, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """For each decode from now on: whether it went into a kept pipeline's buffer."""
+    path = pp._simd
+    assert isinstance(path, SimdJpeg)
+    into: list[bool] = []
+    decode = path._jpeg.decode_jpeg
+
+    def spy(data: bytes, colorspace: str, **kw: object) -> np.ndarray:
+        into.append(kw["buffer"] is not None)
+        return decode(data, colorspace, **kw)
+
+    monkeypatch.setattr(path, "_jpeg", type("Spy", (), {"decode_jpeg": staticmethod(spy)}))
+    return into
 
 
 def test_reused_pipeline_gives_a_fresh_pipelines_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -285,7 +306,8 @@ def test_reused_pipeline_gives_a_fresh_pipelines_pixels(monkeypatch: pytest.Monk
     cases = [jpeg(name, 1280, 720) for name in PHOTOS] + [detail(1280, 720, 0)]
     cases += [rotated("astronaut", 720, 1280, 6), rotated("coffee", 720, 1280, 8)]
     cases += [jpeg("coffee", 1280, 720, mode="L"), jpeg("rocket", 900, 500)]
-    order = [0, 1, 2, 3, 4, 0, 5, 6, 5, 1, 7, 2, 8, 8, 3, 4, 3]
+    cases += [rotated("chelsea", 720, 1280, 5), rotated("rocket", 720, 1280, 7)]
+    order = [0, 1, 2, 3, 4, 0, 5, 6, 5, 1, 7, 2, 8, 8, 3, 4, 3, 9, 10, 10, 9]
     with monkeypatch.context() as m:
         m.setattr(preprocess_simd, "REUSE_MAX_BYTES", 0)  # every call builds its own
         alone = ImagePreprocessor(config(), simd=True)
@@ -293,19 +315,20 @@ def test_reused_pipeline_gives_a_fresh_pipelines_pixels(monkeypatch: pytest.Monk
         expected = [alone.decode(data) for data in cases]
         assert len(built_alone) == len(cases)
     pp = ImagePreprocessor(config(), simd=True)
-    built = count_builds(pp, monkeypatch)
+    built, into = count_builds(pp, monkeypatch), spy_buffers(pp, monkeypatch)
     truncated = cases[1][: len(cases[1]) * 2 // 3]
     for step, k in enumerate(order):
         np.testing.assert_array_equal(pp.decode(cases[k]), expected[k], err_msg=f"step {step}")
         if step == 3:  # the same size, cut short: refused, and the next image is whole again
             with pytest.raises(InvalidInput, match="truncated or corrupt"):
                 pp.decode(truncated)
+            assert into[-1]  # it stopped half-way through the kept buffer
     # One build per change of stored size, bands or orientation, not one per image.
-    keys = [(720, 1280, 3, 1)] * 5 + [(1280, 720, 3, 6), (1280, 720, 3, 8)]
-    keys += [(720, 1280, 1, 1), (500, 900, 3, 1)]
+    keys = [((720, 1280, 3), 1)] * 5 + [((1280, 720, 3), 6), ((1280, 720, 3), 8)]
+    keys += [((720, 1280, 1), 1), ((500, 900, 3), 1), ((1280, 720, 3), 5), ((1280, 720, 3), 7)]
     changes = [keys[k] for i, k in enumerate(order) if i == 0 or keys[k] != keys[order[i - 1]]]
     assert built == changes
-    assert len(built) < len(order)
+    assert sum(into) == len(order) + 1 - len(changes)  # every other decode reused a buffer
 
 
 def test_large_images_keep_no_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -314,13 +337,52 @@ def test_large_images_keep_no_pipeline(monkeypatch: pytest.MonkeyPatch) -> None:
     pp = ImagePreprocessor(config(), simd=True)
     built = count_builds(pp, monkeypatch)
     small, large = jpeg("rocket", 1280, 719), jpeg("rocket", 1280, 720)
-    first = [pp.decode(data) for data in (large, large, small, small)]
-    assert built == [(720, 1280, 3, 1), (720, 1280, 3, 1), (719, 1280, 3, 1)]
+    for data in (large, large, small, small):
+        pp.decode(data)
+    assert built == [((720, 1280, 3), 1), ((720, 1280, 3), 1), ((719, 1280, 3), 1)]
     assert pp._simd is not None
-    assert pp._simd._local.pipeline.key == (719, 1280, 3, 1)
-    np.testing.assert_array_equal(first[0], first[1])
+    assert pp._simd._local.pipeline.buffer.shape == (719, 1280, 3)
     pp.decode(large)  # a large image also lets the kept small one go
     assert pp._simd._local.pipeline is None
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost",
+    )]
+
+
+def malloc_in_use() -> int:
+    """Bytes glibc's malloc has handed out and not had back (numpy's and libvips' memory)."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _MallInfo2
+    gc.collect()
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+@pytest.mark.skipif(
+    not hasattr(ctypes.CDLL(None), "mallinfo2"), reason="needs glibc 2.33+ (mallinfo2)"
+)
+@pytest.mark.parametrize(("width", "height", "orientation"), [(1920, 1080, 1), (1920, 1080, 6)])
+def test_a_kept_pipeline_holds_under_twice_its_decode_buffer(
+    width: int, height: int, orientation: int
+) -> None:
+    """What a thread keeps between calls (docs/preprocessing.md): the decode buffer and the
+    buffers libvips' operations hold for the next fetch, under twice the buffer in all."""
+    pp = ImagePreprocessor(config(), simd=True)
+    assert pp._simd is not None
+    data = rotated("astronaut", width, height, orientation)
+    pp.decode(data)
+    kept = pp._simd._local.pipeline
+    assert kept is not None
+    decoded = kept.buffer.nbytes
+    del kept
+    with_pipeline = malloc_in_use()
+    pp._simd._local.pipeline = None
+    held = with_pipeline - malloc_in_use()
+    assert decoded <= held < 2 * decoded
 
 
 def test_fast_upsampling_only_when_the_shrink_hides_it() -> None:
