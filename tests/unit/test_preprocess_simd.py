@@ -238,13 +238,19 @@ def test_out_buffer_and_pixel_limit(simd: ImagePreprocessor) -> None:
 
 
 def test_threads_get_the_same_pixels(simd: ImagePreprocessor) -> None:
-    """Both libraries release the interpreter lock; concurrent calls share no state."""
+    """Both libraries release the interpreter lock; concurrent calls share no state, also
+    while each thread's kept pipeline changes geometry (sizes, a rotation) under the others."""
     datas = [jpeg(name, 1280, 720) for name in PHOTOS]
+    datas += [jpeg("rocket", 900, 500), rotated("coffee", 720, 1280, 6)]
     expected = [simd.decode(d) for d in datas]
     results: dict[int, list[np.ndarray]] = {}
+    steps = 12
 
-    def work(k: int) -> None:
-        results[k] = [simd.decode(datas[(k + i) % 4]) for i in range(8)]
+    def work(k: int) -> None:  # thread k: four images of one size, then every image by turns
+        results[k] = [simd.decode(datas[pick(k, i)]) for i in range(steps)]
+
+    def pick(k: int, i: int) -> int:
+        return (k + i) % 4 if i < 4 else (k + i) % len(datas)
 
     threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
     for t in threads:
@@ -254,7 +260,7 @@ def test_threads_get_the_same_pixels(simd: ImagePreprocessor) -> None:
     assert sorted(results) == [0, 1, 2, 3]  # every thread finished without an exception
     for k, outs in results.items():
         for i, out in enumerate(outs):
-            np.testing.assert_array_equal(out, expected[(k + i) % 4])
+            np.testing.assert_array_equal(out, expected[pick(k, i)], err_msg=f"thread {k}, {i}")
 
 
 def rotated(name: str, width: int, height: int, orientation: int) -> bytes:
