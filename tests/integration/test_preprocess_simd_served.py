@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -49,6 +50,28 @@ def test_jpeg_embeddings_match_pytorch_open_clip(
     assert cosines.min() > 0.999, cosines
     # not the exact path's bit-for-bit result: the SIMD path ran
     assert not np.array_equal(served, call(clip_server.address, jpegs))
+
+
+def test_concurrent_requests_of_mixed_sizes_get_each_images_own_embedding(
+    simd_server: ServerThread,
+) -> None:
+    """The server's preprocessing threads each keep the pipeline of the last size they saw:
+    requests of several sizes at once from several clients still embed each image as it
+    embeds alone (a pixel left over from another image would move its embedding far)."""
+    names = list(PHOTOS)
+    jpegs = [encode(PHOTOS[n], "JPEG") for n in names]  # 1920x1080
+    jpegs += [encode(PHOTOS[n], "JPEG", size=(640, 480)) for n in names[:2]]
+    jpegs += [encode(PHOTOS[names[2]], "JPEG", size=(900, 500))]
+    alone = np.concatenate([call(simd_server.address, [d]) for d in jpegs])
+    mixes = [[(c + i + j * 3) % len(jpegs) for j in range(3)] for c in range(6) for i in range(4)]
+
+    def client(mix: list[int]) -> np.ndarray:
+        return call(simd_server.address, [jpegs[k] for k in mix])
+
+    with ThreadPoolExecutor(6) as pool:
+        served = list(pool.map(client, mixes))
+    for mix, embeddings in zip(mixes, served, strict=True):
+        np.testing.assert_allclose(embeddings, alone[mix], atol=1e-5, err_msg=str(mix))
 
 
 def test_other_formats_are_the_exact_paths(
