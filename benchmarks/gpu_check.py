@@ -171,8 +171,6 @@ TENSORS = ALL_SCENARIOS[:2]
 JPEGS = ALL_SCENARIOS[2:4]
 
 
-
-
 def served(name: str, repo: Path, device: Device, processes: int, seconds: float,
            settings: dict[str, Any],
            scenarios: tuple[tuple[str, int, int], ...] = ALL_SCENARIOS) -> None:

@@ -383,10 +383,13 @@ class ImagePreprocessor:
         if image.format not in ("JPEG", "MPO") or image.mode not in ("L", "RGB"):
             return None  # CMYK/YCCK JPEGs and every other format: the exact path
         size, mode = self.cfg.size, self.cfg.resize_mode
-        if not self._simd.accepts(plan_geometry(*image.size, size, mode)):
+        geo = plan_geometry(*image.size, size, mode)
+        if not self._simd.accepts(geo):
             return None  # decided before reading EXIF: a rotation only swaps the axes
         orientation = _orientation(image)  # JPEG's EXIF comes with the header
-        geo = plan_geometry(*_oriented_size(image.size, orientation), size, mode)
+        oriented = _oriented_size(image.size, orientation)
+        if oriented != image.size:
+            geo = plan_geometry(*oriented, size, mode)
         return self._simd.pixels(data, grey=image.mode == "L", orientation=orientation, geo=geo)
 
     def _to_rgb(self, image: ImageFile.ImageFile) -> Image.Image:

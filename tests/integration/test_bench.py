@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 from clipserve.cli import main
 
 SECTIONS_RUN = ("sweep", "engine", "batching", "lengths", "labels", "memory")
+
+
+def benchmark(script: str, *args: str) -> str:
+    """What benchmarks/SCRIPT prints to stdout, run as its docs run it; fails on a non-zero exit."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / script
+    done = subprocess.run(
+        [sys.executable, str(path), *args],
+        capture_output=True, text=True, timeout=300, check=True,
+    )
+    return done.stdout
 
 
 def test_quick_bench_writes_table_json_and_plot(tiny_repository: Path, tmp_path: Path) -> None:
@@ -92,17 +105,11 @@ def test_the_engine_limit_of_two_vision_instances_is_two_raw_sessions(
 
 
 def test_ab_servers_compares_two_settings_side_by_side(tiny_repository: Path) -> None:
-    import subprocess
-    import sys
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "ab_servers.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--repository", str(tiny_repository),
-         "--scenario", "text_short", "--clients", "4", "--seconds", "0.3", "--rounds", "2",
-         "--a", "--text-max-batch-size 1", "--b", ""],
-        capture_output=True, text=True, timeout=300, check=True,
-    )
-    lines = done.stdout.splitlines()
+    lines = benchmark(
+        "ab_servers.py", "--repository", str(tiny_repository), "--scenario", "text_short",
+        "--clients", "4", "--seconds", "0.3", "--rounds", "2",
+        "--a", "--text-max-batch-size 1", "--b", "",
+    ).splitlines()
     assert lines[0] == "A: {'text_max_batch_size': 1}"
     assert lines[1] == "B: defaults"
     rounds = [line for line in lines if line.startswith("round ")]
@@ -115,18 +122,11 @@ def test_ab_servers_compares_two_settings_side_by_side(tiny_repository: Path) ->
 
 
 def test_engine_gaps_reads_the_engines_idle_time_between_batches(tiny_repository: Path) -> None:
-    import re
-    import subprocess
-    import sys
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "engine_gaps.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--repository", str(tiny_repository),
-         "--scenario", "tensor", "--items", "8", "--clients", "6", "--seconds", "0.5",
-         "--rounds", "2", "--flags", "--vision-max-batch-size 8 --max-items-per-request 64"],
-        capture_output=True, text=True, timeout=300, check=True,
-    )
-    lines = done.stdout.splitlines()
+    lines = benchmark(
+        "engine_gaps.py", "--repository", str(tiny_repository), "--scenario", "tensor",
+        "--items", "8", "--clients", "6", "--seconds", "0.5", "--rounds", "2",
+        "--flags", "--vision-max-batch-size 8 --max-items-per-request 64",
+    ).splitlines()
     assert lines[0] == "server: {'vision_max_batch_size': 8, 'max_items_per_request': 64}"
     rounds = [line for line in lines if line.startswith("round ")]
     assert len(rounds) == 2
@@ -141,16 +141,11 @@ def test_engine_gaps_reads_the_engines_idle_time_between_batches(tiny_repository
 
 
 def test_bench_preprocess_diagnose_locates_fast_modes_parity_loss() -> None:
-    import subprocess
-    import sys
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_preprocess.py"
-    done = subprocess.run(
-        [sys.executable, str(script), "--diagnose", "--sizes", "1920x1080", "--rounds", "1",
-         "--seconds", "0.05", "--json"],
-        capture_output=True, text=True, timeout=300, check=True,
+    stdout = benchmark(
+        "bench_preprocess.py", "--diagnose", "--sizes", "1920x1080", "--rounds", "1",
+        "--seconds", "0.05", "--json",
     )
-    rows = {r["implementation"]: r for r in json.loads(done.stdout)["rows"]}
+    rows = {r["implementation"]: r for r in json.loads(stdout)["rows"]}
     assert set(rows) == {"open_clip", "clipserve exact", "clipserve simd", "clipserve fast",
                          "full + reduce 2", "full, float resize"}
     exact, fast = rows["clipserve exact"], rows["clipserve fast"]

@@ -43,6 +43,15 @@ def jpeg(name: str, width: int, height: int, mode: str = "RGB", **options: objec
     return encode(photo(name, width, height), mode, "JPEG", **{"quality": 90, **options})
 
 
+def rotated(name: str, width: int, height: int, orientation: int) -> bytes:
+    """A JPEG of the photo stored with this EXIF orientation."""
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    photo(name, width, height).save(buf, "JPEG", quality=90, exif=exif.tobytes())
+    return buf.getvalue()
+
+
 @pytest.fixture(scope="module")
 def simd() -> ImagePreprocessor:
     return ImagePreprocessor(config(), simd=True)
@@ -191,11 +200,7 @@ def test_bilinear_models_take_the_exact_path() -> None:
 def test_exif_orientation_as_the_exact_path(simd: ImagePreprocessor, orientation: int) -> None:
     """Each EXIF orientation is applied by libvips as the exact path applies it with Pillow: a
     wrong flip or rotation of this asymmetric photo would differ by tens of levels."""
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    photo("astronaut", 900, 500).save(buf, "JPEG", quality=90, exif=exif.tobytes())
-    data = buf.getvalue()
+    data = rotated("astronaut", 900, 500, orientation)
     exact = ImagePreprocessor(config()).decode(data)
     # > 0: the SIMD path took it (its acceptance is decided before EXIF, on the stored size)
     assert 0.0 < pixel_error(simd.decode(data), exact.astype(np.float64)) < 0.5
@@ -261,14 +266,6 @@ def test_threads_get_the_same_pixels(simd: ImagePreprocessor) -> None:
     for k, outs in results.items():
         for i, out in enumerate(outs):
             np.testing.assert_array_equal(out, expected[pick(k, i)], err_msg=f"thread {k}, {i}")
-
-
-def rotated(name: str, width: int, height: int, orientation: int) -> bytes:
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    photo(name, width, height).save(buf, "JPEG", quality=90, exif=exif.tobytes())
-    return buf.getvalue()
 
 
 Built = tuple[tuple[int, ...], int]  # the decoded (rows, cols, bands) and the orientation

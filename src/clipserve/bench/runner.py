@@ -41,7 +41,7 @@ from clipserve.bench.servers import (
     proc_status,
 )
 from clipserve.bench.stats import ratio
-from clipserve.bench.targets import TARGETS, TargetResult, result
+from clipserve.bench.targets import PARITY_LIMIT, TARGETS, TargetResult, result
 
 log = logging.getLogger(__name__)
 
@@ -604,8 +604,6 @@ def script(name: str, *args: str, timeout_s: float = 900) -> dict[str, Any]:
     return data
 
 
-#: The parity requirement of preprocessing (docs/preprocessing.md): mean |difference| per image.
-PARITY_LIMIT = 0.5
 #: clipserve's preprocessing paths in bench_preprocess.py's rows, and how each is chosen.
 PREPROCESS_PATHS = {
     "clipserve exact": "exact, the default",
