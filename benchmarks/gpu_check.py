@@ -2,10 +2,11 @@
 
 For an fp32 and an fp16 repository of the same model: fp16 parity against fp32 on the device,
 images/s of the raw session at every batch bucket (plain `session.run`, I/O binding, CUDA
-graphs), then images/s through gRPC (tensors and JPEGs, several load-generator processes),
-texts/s, tensors again with two vision model instances and with a 0.5 ms interpreter switch
-interval, and the GPU memory in use after each step. Prints one line per figure and writes
-everything to a JSON file.
+graphs), open_clip's own image tower in PyTorch at the same buckets (fp16, eager: the
+framework's figure on this GPU), then images/s through gRPC (tensors and JPEGs, several
+load-generator processes), texts/s, tensors again with two vision model instances and with a
+0.5 ms interpreter switch interval, and the GPU memory in use after each step. Prints one
+line per figure and writes everything to a JSON file.
 
 With ``--fp16-attention REPO`` (the fp16 export at ``--opset 23``, whose attention is one ONNX
 ``Attention`` node per layer, which recent CUDA providers can run with flash attention),
@@ -35,7 +36,7 @@ from typing import Any
 import numpy as np
 
 with contextlib.suppress(ImportError):  # the GPU machine's PyTorch brings the CUDA 13
-    import torch  # noqa: F401  # libraries that ONNX Runtime's CUDA provider needs
+    import torch  # libraries that ONNX Runtime's CUDA provider needs
 import onnxruntime as ort
 
 from clipserve.bench.measure import Sample, engine_sample, load_point, merged
@@ -126,6 +127,45 @@ def raw_sessions(name: str, repo: Path, device: Device, buckets: list[int],
                 f"raw {name} {variant:<12} batch {bucket:>3}: {rate:8.1f} images/s")
         del t
     say(f"gpu_mib/after_raw_{name}", gpu_memory_mib(), f"GPU memory in use: {gpu_memory_mib()} MiB")
+
+
+def pytorch_reference(repo: Path, device: Device, buckets: list[int], seconds: float) -> None:
+    """open_clip's own image tower in PyTorch on the same device, at the same buckets: what the
+    framework gets from this GPU, for the raw sessions to be read against (fp16 weights on
+    CUDA, fp32 on the CPU; eager, inference mode, embeddings normalised as the export's are).
+    Well above the ONNX figures, it says the exported graph is what to improve."""
+    import torch
+
+    from clipserve.export.loader import load_model
+    from clipserve.export.options import ExportOptions
+
+    manifest = load_manifest(repo)
+    cuda = device is Device.CUDA
+    dtype = torch.float16 if cuda else torch.float32
+    target = "cuda" if cuda else "cpu"
+    label = "fp16" if cuda else "fp32"
+    size = manifest.preprocess.size
+
+    def measure() -> None:  # the model is freed when this returns
+        options = ExportOptions(model=manifest.source.model_name, pretrained="none")
+        model = load_model(options).model.to(target, dtype)
+
+        def run(batch: torch.Tensor) -> None:
+            with torch.inference_mode():
+                model.encode_image(batch, normalize=True)
+            if cuda:
+                torch.cuda.synchronize()
+
+        for bucket in buckets:
+            batch = torch.randn(bucket, 3, size, size, device=target, dtype=dtype)
+            run(batch)  # the first call of a shape picks its kernels
+            rate = engine_sample(run, batch, seconds).stats().items_per_s  # type: ignore[arg-type]
+            say(f"pytorch/{label}/{bucket}", rate,
+                f"PyTorch {label} eager  batch {bucket:>3}: {rate:8.1f} images/s")
+
+    measure()
+    if cuda:
+        torch.cuda.empty_cache()
 
 
 def thread_cpu_seconds() -> dict[str, float]:
@@ -235,6 +275,7 @@ def main() -> None:
     steps = [
         ("parity", lambda: parity(args.fp32, args.fp16, device)),
         ("raw fp16", lambda: raw_sessions("fp16", args.fp16, device, buckets, args.seconds)),
+        ("pytorch", lambda: pytorch_reference(args.fp32, device, buckets, args.seconds)),
         ("grpc fp16", lambda: served(
             "fp16", args.fp16, device, args.processes, args.seconds * 2, serving,
         )),

@@ -8,7 +8,8 @@
 #      cosine >= 0.99999 fp32, >= 0.999 fp16);
 #   3. runs benchmarks/gpu_check.py: fp16 vs fp32 parity on the GPU, images/s of the raw
 #      session at each batch bucket (session.run, I/O binding, CUDA graphs; the opset-23
-#      export beside, with the provider of each kind of node), images/s through gRPC (tensors
+#      export beside, with the provider of each kind of node), open_clip's image tower in
+#      PyTorch fp16 at the same buckets, images/s through gRPC (tensors
 #      and JPEGs), texts/s, GPU memory;
 #   4. runs benchmarks/gil_waits.py: what a busy interpreter costs the server's threads on this
 #      host's cores (batch stacking, JPEG decoding, at switch intervals of 5 and 0.5 ms);
@@ -17,7 +18,8 @@
 #
 # Prepare on a machine with PyPI (bash benchmarks/gpu_wheels.sh), then run from the
 # repository root:  bash benchmarks/gpu_check.sh   (results: $OUT/gpu_check.json, log on stdout)
-# CPU dry run of the Python side:  DEVICE=cpu MODEL=clipserve-demo bash benchmarks/gpu_check.sh
+# CPU dry run of the Python side, on this machine's own packages (none of the carried wheels):
+#   WHEELS=none DEVICE=cpu MODEL=clipserve-demo bash benchmarks/gpu_check.sh
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
