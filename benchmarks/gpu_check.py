@@ -14,7 +14,7 @@ also: which execution provider ran each kind of node of it, its parity against f
 raw-session images/s next to the default export's.
 
     python benchmarks/gpu_check.py --fp32 REPO --fp16 REPO [--fp16-attention REPO]
-                                   [--device cuda] [--out FILE]
+                                   [--device cuda] [--out FILE] [--model-config FILE.json]
 """
 
 from __future__ import annotations
@@ -261,7 +261,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--processes", type=int, default=6, help="load-generator processes")
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    parser.add_argument("--model-config", type=Path, default=None,
+                        help="an open_clip model config (JSON) to register first, for the "
+                        "PyTorch reference of a model open_clip does not know")
     args = parser.parse_args()
+    if args.model_config is not None:
+        import open_clip
+
+        open_clip.add_model_config(args.model_config)
     logging.basicConfig(level=logging.WARNING)
     if hasattr(ort, "preload_dlls") and args.device == "cuda":
         ort.preload_dlls()  # CUDA and cuDNN from the nvidia-* packages, where installed

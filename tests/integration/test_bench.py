@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from clipserve.cli import main
+from tests.conftest import TINY_CONFIG, TINY_SEED
 
 SECTIONS_RUN = ("sweep", "engine", "batching", "lengths", "labels", "memory")
 
@@ -160,3 +161,48 @@ def test_bench_preprocess_diagnose_locates_fast_modes_parity_loss() -> None:
     simd = rows["clipserve simd"]
     assert 0.01 < simd["detail_worst"] < 0.5 < fast["detail_worst"]
     assert all(r["per_core"] > 0 for r in rows.values())
+
+
+def test_gpu_check_runs_every_step_on_the_cpu(
+    tiny_model: str, tiny_repository: Path, tmp_path: Path
+) -> None:
+    """benchmarks/gpu_check.py, which only a lent GPU runs for real, runs every step on the
+    CPU provider: a broken step would otherwise be found with the GPU's minutes running."""
+    from clipserve.export.options import ExportOptions
+    from clipserve.export.writer import export_repository
+
+    fp16, attention = tmp_path / "fp16", tmp_path / "fp16-opset23"
+    for output, opset in ((fp16, 18), (attention, 23)):
+        export_repository(ExportOptions(
+            model=tiny_model, pretrained="none", seed=TINY_SEED, output=output,
+            precision="fp16", opset=opset, max_batch_size=32,
+        ))
+    config = tmp_path / f"{tiny_model}.json"  # for the PyTorch reference's own process
+    config.write_text(json.dumps(TINY_CONFIG))
+    out = tmp_path / "gpu_check.json"
+    stdout = benchmark(
+        "gpu_check.py", "--fp32", str(tiny_repository), "--fp16", str(fp16),
+        "--fp16-attention", str(attention), "--device", "cpu", "--buckets", "1,2",
+        "--seconds", "0.1", "--processes", "1", "--model-config", str(config),
+        "--out", str(out),
+    )
+    assert "STEP FAILED" not in stdout
+    results = json.loads(out.read_text())
+    assert not [key for key in results if key.startswith("failed/")]
+    for name in ("fp16", "fp16-attention"):
+        assert results[f"{name}_vs_fp32_min_cosine"] > 0.999
+        for variant in ("session.run", "I/O binding"):
+            assert results[f"raw/{name}/{variant}/2"] > 0
+    assert results["pytorch/fp32/1"] > 0
+    assert results["pytorch/fp32/2"] > 0
+    assert "CPUExecutionProvider" in results["placement/fp16-attention"]
+    served = {key: value for key, value in results.items() if key.startswith("grpc/")}
+    scenarios = {key.split("/", 2)[2] for key in served if key.startswith("grpc/fp16/")}
+    assert scenarios == {"tensor/8", "tensor/16", "jpeg_640x480/8", "jpeg_1920x1080/4",
+                         "text_short/16"}
+    assert "grpc/fp16-2-instances/tensor/8" in served
+    assert "grpc/fp16-switch-0.5ms/tensor/8" in served
+    assert "grpc/fp16-simd/jpeg_1920x1080/4" in served  # the test extras hold the simd extra's
+    for point in served.values():
+        assert point["errors"] == 0
+        assert point["items_per_s"] > 0
