@@ -206,3 +206,17 @@ def test_gpu_check_runs_every_step_on_the_cpu(
     for point in served.values():
         assert point["errors"] == 0
         assert point["items_per_s"] > 0
+
+
+def test_gil_waits_times_every_step_at_both_switch_intervals() -> None:
+    """benchmarks/gil_waits.py, the last part of the GPU check, prints every step's row."""
+    lines = benchmark("gil_waits.py", "--repeats", "1", "--batches", "2").splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("step "))
+    assert lines[header].split()[-4:] == ["ms", "busy,", "0.5", "ms"]
+    rows = [line for line in lines[header + 1:] if line.strip()]
+    steps = [line[:29].strip() for line in rows if not line.startswith(" ")]
+    assert steps == ["stack 2 images"] * 2 + ["JPEG 640x480 load"] * 2 + [
+        "JPEG 640x480 -> tensor"] + ["JPEG 1920x1080 load"] * 2 + ["JPEG 1920x1080 -> tensor"]
+    for line in rows:
+        figures = [float(value.rstrip("x")) for value in line.split()[-3:]]
+        assert all(figure > 0 for figure in figures), line
