@@ -429,6 +429,52 @@ def test_clients_that_disconnect_do_not_cost_batch_slots(tiny_repository: Path) 
             tower._session = real
 
 
+
+def test_a_calls_deadline_goes_with_its_items_and_expired_work_is_never_computed(
+    tiny_repository: Path,
+) -> None:
+    """The caller's deadline reaches the batch queue with each item; when it passes while the
+    engine is busy, the caller gets DEADLINE_EXCEEDED and its items are dropped, not computed."""
+    late_items = 3
+    with running_server(tiny_repository, max_queue_delay_us=1000) as server:
+        batcher = server.server.model.vision  # max_batch_size 8
+        tower = vision_tower(server)
+        real = tower._session
+        blocking = tower._session = BlockingSession(real)
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                stub = pb_grpc.ClipServiceStub(channel)
+                running = stub.EncodeImage.future(one_image(), timeout=60)
+                assert blocking.entered.wait(30)  # its batch holds the engine
+                computed = batcher.stats.inference_count
+                dropped = batcher.stats.cancelled_items + batcher.stats.expired_items
+                request = pb.EncodeImageRequest(images=[one_image().images[0]] * late_items)
+                sent = time.monotonic()
+                late = stub.EncodeImage.future(request, timeout=1.0)
+                # the late call's items form the next batch (a test-only look at it)
+                wait_until(lambda: len(batcher._held) == late_items, what="the late batch")
+                expires = [item.expires for item in batcher._held]
+                for deadline in expires:  # each item carries the call's deadline
+                    assert deadline is not None
+                    assert sent + 0.5 < deadline < sent + 1.5  # about sent + 1 s
+                error = late.exception(timeout=30)
+                assert error is not None
+                assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                # the server's deadline is the client's plus the transit: let it pass too
+                time.sleep(max(0.0, max(expires) - time.monotonic()) + 0.05)  # type: ignore[type-var]
+                blocking.release.set()
+                assert len(running.result(timeout=30).embeddings) == 1
+                wait_until(lambda: not batcher._held and batcher.queued == 0,
+                           what="the late batch to be dropped")
+                assert batcher.stats.inference_count - computed == 1  # the running call only
+                assert (batcher.stats.cancelled_items + batcher.stats.expired_items
+                        - dropped) == late_items
+                assert len(stub.EncodeImage(one_image(), timeout=30).embeddings) == 1
+        finally:
+            blocking.release.set()
+            tower._session = real
+
+
 def _hpack_literal(name: str, value: str) -> bytes:
     """HPACK literal header field without indexing, new name, no Huffman (RFC 7541 6.2.2)."""
     assert max(len(name), len(value)) < 127
