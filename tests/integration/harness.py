@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import http.server
 import os
 import re
 import signal
@@ -126,3 +127,47 @@ def _drain(process: subprocess.Popen[str], lines: list[str]) -> None:
     assert process.stdout is not None
     for line in process.stdout:
         lines.append(line)
+
+
+class HeldImages:
+    """An HTTP server on 127.0.0.1:0 whose image answers wait until `release()`."""
+
+    def __init__(self, image: bytes) -> None:
+        self.released = threading.Event()
+        self.arrived = threading.Semaphore(0)
+        held = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                held.arrived.release()
+                held.released.wait(60)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(image)))
+                    self.end_headers()
+                    self.wfile.write(image)
+                except ConnectionError:  # the server gave up on the fetch
+                    pass
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/{name}.jpg"
+
+    def wait_for(self, requests: int) -> None:
+        for _ in range(requests):
+            assert self.arrived.acquire(timeout=60), "the server never fetched the URL"
+
+    def release(self) -> None:
+        self.released.set()
+
+    def close(self) -> None:
+        self.released.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()

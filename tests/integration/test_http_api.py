@@ -15,7 +15,6 @@ import io
 import json
 import re
 import ssl
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -37,7 +36,7 @@ from clipserve.server.tokenizer import ClipTokenizer
 from clipserve.v1 import clip_service_pb2 as pb
 from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
 from tests.conftest import TINY_EMBEDDING_DIM, TINY_MODEL
-from tests.integration.harness import ServerThread, start_subprocess
+from tests.integration.harness import HeldImages, ServerThread, start_subprocess
 from tests.integration.test_security import issue
 
 TOKEN = "http-api-test-token"
@@ -393,50 +392,6 @@ def test_http_requests_are_counted_in_the_metrics(
 
 
 # -- overload and drain ------------------------------------------------------------------------
-class HeldImages:
-    """An HTTP server on 127.0.0.1:0 whose image answers wait until `release()`."""
-
-    def __init__(self, image: bytes) -> None:
-        self.released = threading.Event()
-        self.arrived = threading.Semaphore(0)
-        held = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                held.arrived.release()
-                held.released.wait(60)
-                try:
-                    self.send_response(200)
-                    self.send_header("Content-Type", "image/jpeg")
-                    self.send_header("Content-Length", str(len(image)))
-                    self.end_headers()
-                    self.wfile.write(image)
-                except ConnectionError:  # the server gave up on the fetch
-                    pass
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    def url(self, name: str) -> str:
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/{name}.jpg"
-
-    def wait_for(self, requests: int) -> None:
-        for _ in range(requests):
-            assert self.arrived.acquire(timeout=60), "the server never fetched the URL"
-
-    def release(self) -> None:
-        self.released.set()
-
-    def close(self) -> None:
-        self.released.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-
 URL_SETTINGS = {
     "allow_url_inputs": True, "url_allowlist": "127.0.0.1", "url_allow_private": True,
     "url_timeout_s": 60.0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -13,10 +14,17 @@ from pathlib import Path
 
 import grpc
 import pytest
+from PIL import Image
+from skimage import data as skdata
 
 from clipserve.v1 import clip_service_pb2 as pb
 from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
-from tests.integration.harness import health_status, running_server, start_subprocess
+from tests.integration.harness import (
+    HeldImages,
+    health_status,
+    running_server,
+    start_subprocess,
+)
 
 TEXTS = [f"a photo of thing number {i}" for i in range(8)]
 
@@ -89,23 +97,57 @@ def _try_encode(address: str) -> str:
 
 
 def test_sigterm_drains_and_exits_cleanly(tiny_repository) -> None:
-    server = start_subprocess(tiny_repository, "--drain-grace-s", "20")
+    """SIGTERM with a call held in flight (its image is a URL that answers when the test says):
+    the server drains, that call is answered OK after the signal, and the process exits 0."""
+    held = HeldImages(_jpeg())
+    server = start_subprocess(
+        tiny_repository, "--drain-grace-s", "20", "--allow-url-inputs",
+        "--url-allowlist", "127.0.0.1", "--url-allow-private",
+    )
     try:
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(9) as pool:
+            in_flight = pool.submit(_try_encode_url, server.address, held.url("held"))
+            held.wait_for(1)  # the server is fetching it: admitted, not answered
             calls = [pool.submit(_try_encode_texts, server.address) for _ in range(8)]
             time.sleep(0.2)
             server.terminate()
+            _wait_for_log(server, r"draining: (\d+) request")
+            held.release()
+            assert in_flight.result(timeout=60) == "OK"
             codes = [c.result() for c in calls]
         assert server.process.wait(30) == 0
     finally:
+        held.close()
         if server.process.poll() is None:
             server.process.kill()
     log = "".join(server.log)
-    in_flight = int(re.search(r"draining: (\d+) request", log).group(1))
-    # admitted requests completed; any not yet admitted were refused retryably
-    assert codes.count("OK") >= in_flight
+    draining = int(re.search(r"draining: (\d+) request", log).group(1))
+    assert draining >= 1  # the held call at least
+    # calls admitted before the signal were answered; the rest were refused retryably
+    assert codes.count("OK") >= draining - 1
     assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
     assert "stopped" in log
+
+
+def _jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(skdata.chelsea()).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def _try_encode_url(address: str, url: str) -> str:
+    with grpc.insecure_channel(address) as channel:
+        response = pb_grpc.ClipServiceStub(channel).EncodeImage(
+            pb.EncodeImageRequest(images=[pb.Image(url=url)]), timeout=60
+        )
+    return "OK" if len(response.embeddings) == 1 else f"{len(response.embeddings)} embeddings"
+
+
+def _wait_for_log(server, pattern: str, timeout: float = 30) -> None:
+    end = time.monotonic() + timeout
+    while not re.search(pattern, "".join(server.log)):
+        assert time.monotonic() < end, f"the server never logged {pattern!r}"
+        time.sleep(0.02)
 
 
 def _try_encode_texts(address: str) -> str:

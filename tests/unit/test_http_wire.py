@@ -15,7 +15,6 @@ from clipserve.server import errors
 from clipserve.server.errors import ClipServeError, Forbidden, InvalidInput
 from clipserve.server.grpc_errors import (
     INTERNAL_MESSAGE,
-    STATUS_OF,
     STATUSES,
     status_for,
     wire_status_for,
@@ -51,7 +50,8 @@ def test_every_domain_error_has_a_grpc_and_an_http_status() -> None:
     assert len(domain_errors()) >= 8
     for kind in domain_errors():
         status = STATUSES[kind]
-        assert STATUS_OF[kind] is status.grpc
+        code, _ = status_for(kind("what went wrong"))  # what a gRPC caller gets
+        assert code is status.grpc
         assert 400 <= status.http < 600
         assert status.http_type.endswith("_error")
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 from PIL import Image
 
 from clipserve.repository import INTERPOLATIONS, RESIZE_MODES, Preprocess
@@ -185,11 +186,29 @@ def test_valid_images_give_finite_tensors(
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 @FUZZ
-@given(data=st.binary(max_size=8192), shape=st.lists(st.integers(-2, 40), max_size=4))
-def test_arbitrary_tensors(dtype: str, data: bytes, shape: list[int]) -> None:
-    try:
-        out = PREPROCESSOR.from_tensor(shape, dtype, data)
-    except InvalidInput:
+@given(draw=st.data())
+def test_arbitrary_tensors(dtype: str, draw: st.DataObject) -> None:
+    """Any shape and bytes: the tensor's own values back as float32 [3, S, S] when the shape
+    is right, the bytes are exactly that many values and all are finite; else InvalidInput."""
+    wire, width = ("<f4", 32) if dtype == "float32" else ("<f2", 16)
+    right = [3, SIZE, SIZE]
+    shape = draw.draw(st.one_of(st.just(right), st.lists(st.integers(-2, 40), max_size=4)))
+    values: np.ndarray | None = None
+    if draw.draw(st.booleans()):  # exactly a tensor's bytes, NaN and Inf among them at times
+        values = draw.draw(arrays(
+            wire, right, elements=st.floats(width=width),
+            fill=st.one_of(st.just(0.0), st.floats(-3, 3, width=width)),
+        ))
+        data = values.tobytes()
+    else:
+        data = draw.draw(st.binary(max_size=8192))
+    accepted = shape == right and values is not None and bool(np.isfinite(values).all())
+    if not accepted:
+        with pytest.raises(InvalidInput):
+            PREPROCESSOR.from_tensor(shape, dtype, data)
         return
+    assert values is not None
+    out = PREPROCESSOR.from_tensor(shape, dtype, data)
+    assert out.dtype == np.float32
     assert out.shape == (3, SIZE, SIZE)
-    assert np.isfinite(out).all()
+    np.testing.assert_array_equal(out, values.astype(np.float32))
