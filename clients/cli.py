@@ -108,7 +108,8 @@ def _connection_parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--token-file",
         type=Path,
-        help=f"file holding a bearer token (default: ${TOKEN_ENV} when set)",
+        help=f"file holding a bearer token; without it, the token itself from ${TOKEN_ENV} "
+        "when set",
     )
     return parent
 
