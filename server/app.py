@@ -315,12 +315,15 @@ class ClipServer:
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
         address = f"{s.host}:{s.port}"
-        if credentials is not None:
-            port = server.add_secure_port(address, credentials)
-        else:
-            port = server.add_insecure_port(address)
+        try:  # grpcio raises RuntimeError where older versions returned port 0
+            if credentials is not None:
+                port = server.add_secure_port(address, credentials)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot bind the gRPC port {address} (in use?): {exc}") from None
         if port == 0:
-            raise OSError(f"cannot bind {address}")
+            raise OSError(f"cannot bind the gRPC port {address} (in use?)")
         await server.start()
         self._server, self.port = server, port
 

@@ -106,7 +106,7 @@ class HttpApi:
             app, handle_signals=False, access_log=None, handler_cancellation=True
         )
         await runner.setup()
-        sock = listening_socket(host, port)
+        sock = listening_socket(host, port, "HTTP port")
         try:
             await web.SockSite(runner, sock, ssl_context=self._options.ssl_context).start()
         except BaseException:

@@ -200,10 +200,11 @@ def _counter_text(family: Metric) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def listening_socket(host: str, port: int) -> socket.socket:
+def listening_socket(host: str, port: int, what: str = "port") -> socket.socket:
     """One bound socket, like the gRPC port's: "[::]" (or "") listens on IPv6 and IPv4 when the
     machine has IPv6, on IPv4 otherwise (asyncio alone would bind "::" IPv6-only, and give port
-    0 one port per address family)."""
+    0 one port per address family). A failure names `what` and the address."""
+    given = f"{host}:{port}"
     host = host.strip("[]")
     if host in ("", "::"):
         try:
@@ -223,9 +224,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
         sock.bind(address)
         sock.listen(64)
         sock.setblocking(False)
-    except OSError:
+    except OSError as exc:
         sock.close()
-        raise
+        raise OSError(exc.errno, f"cannot bind the {what} {given}: {exc.strerror or exc}") from None
     return sock
 
 
@@ -243,7 +244,8 @@ class MetricsServer:
 
     async def start(self, host: str, port: int) -> int:
         """Bind (port 0 picks a free port); return the bound port."""
-        self._server = await asyncio.start_server(self._handle, sock=listening_socket(host, port))
+        sock = listening_socket(host, port, "metrics port")
+        self._server = await asyncio.start_server(self._handle, sock=sock)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

@@ -30,6 +30,9 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
     cert = _read("tls_cert", settings.tls_cert)
     key = _read("tls_key", settings.tls_key)
     client_ca = _read("tls_client_ca", settings.tls_client_ca) if settings.tls_client_ca else None
+    # gRPC reports an unusable pair (a key of another certificate, say) only when the port is
+    # bound, as a failure to bind: check it here, with the same message as the HTTP API's
+    server_ssl_context(settings)
     log.info("TLS on%s", " with client certificates required (mTLS)" if client_ca else "")
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None

@@ -6,6 +6,7 @@ import io
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -170,6 +171,25 @@ def _copy(tiny_repository: Path, tmp_path: Path) -> Path:
     target = tmp_path / "repo"
     shutil.copytree(tiny_repository, target)
     return target
+
+
+@pytest.mark.parametrize("flag", ["--port", "--metrics-port"])
+def test_a_port_in_use_exits_4_naming_it(tiny_repository, flag: str) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        ports = {"--port": "0", "--metrics-port": "0", flag: busy}
+        result = subprocess.run(
+            [sys.executable, "-m", "clipserve", "serve", "--model-repository",
+             str(tiny_repository), "--host", "127.0.0.1",
+             *(item for pair in ports.items() for item in pair)],
+            capture_output=True, text=True, timeout=120,
+        )
+    assert result.returncode == 4, result.stderr
+    assert busy in result.stderr.splitlines()[-1]
+    assert result.stderr.splitlines()[-1].startswith("error: ")
+    assert "Traceback" not in result.stderr
 
 
 def test_a_missing_repository_exits_non_zero_before_the_port_opens(tmp_path) -> None:

@@ -110,6 +110,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     files = {}
     for name, data in (
         ("ca.pem", ca[0].cert), ("server.pem", server[0].cert), ("server.key", server[0].key),
+        ("client.key", client[0].key),  # a key that does not belong to server.pem
     ):
         (directory / name).write_bytes(data)
         files[name] = str(directory / name)
@@ -212,6 +213,17 @@ def test_security_misconfiguration_exits_2_before_the_port_opens(
     result = _serve_exit("--model-repository", str(tiny_repository), *flags)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+    assert "SERVING" not in result.stderr
+
+
+def test_a_key_of_another_certificate_exits_2_naming_the_tls_settings(
+    tiny_repository: Path, pki: Pki
+) -> None:
+    result = _serve_exit("--model-repository", str(tiny_repository), "--tls-cert",
+                         pki.files["server.pem"], "--tls-key", pki.files["client.key"])
+    assert result.returncode == 2, result.stderr
+    assert "error: invalid setting: tls_cert, tls_key or tls_client_ca: unusable" in result.stderr
+    assert "Traceback" not in result.stderr
     assert "SERVING" not in result.stderr
 
 
