@@ -335,6 +335,44 @@ def test_a_failing_session_turns_not_serving_is_rebuilt_and_serves_again(
     assert all(SECRET_PATH not in (e.details() or "") for e in errors)  # ... callers never
 
 
+def test_a_failing_text_session_fails_encode_text_and_rank_then_is_rebuilt(
+    tiny_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The text tower's session fails like the vision one: its callers (EncodeText, and Rank
+    with a text query, whose image candidates succeed) get INTERNAL without the detail; at the
+    threshold the session is rebuilt and texts are served again."""
+    from clipserve.server.grpc_errors import INTERNAL_MESSAGE
+
+    with running_server(tiny_repository, session_failure_threshold=3) as server:
+        towers = [runner.tower for runner in server.server.model.text._batch_fns]
+        broken = [FailingSession(tower._session) for tower in towers]
+        for tower, session in zip(towers, broken, strict=True):
+            tower._session = session
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ClipServiceStub(channel)
+            texts = pb.EncodeTextRequest(texts=["a cat"])
+            rank = pb.RankRequest(query=pb.RankItem(text="a cat"),
+                                  candidates=[pb.RankItem(image=one_image().images[0])])
+            errors = []
+            for call, request in ((stub.EncodeText, texts), (stub.Rank, rank),
+                                  (stub.EncodeText, texts)):
+                if call is stub.EncodeText and errors:  # below the threshold: images still work
+                    assert len(stub.EncodeImage(one_image(), timeout=30).embeddings) == 1
+                with pytest.raises(grpc.RpcError) as info:
+                    call(request, timeout=30)
+                errors.append(info.value)
+            supervisor = server.server.supervisor
+            wait_until(lambda: supervisor.rebuilds == 1, what="the text session's rebuild")
+            wait_until(lambda: health_status(server.address) == "SERVING", what="SERVING")
+            response = stub.EncodeText(texts, timeout=30)
+    assert sum(session.calls for session in broken) == 3
+    assert [(e.code().name, e.details()) for e in errors] == [("INTERNAL", INTERNAL_MESSAGE)] * 3
+    assert all(tower._session is not session for tower, session in zip(towers, broken,
+                                                                        strict=True))
+    assert np.linalg.norm(response.embeddings[0].values) == pytest.approx(1.0, abs=1e-5)
+    assert SECRET_PATH in caplog.text
+
+
 @pytest.mark.parametrize(
     ("case", "settings"),
     [
@@ -428,6 +466,54 @@ def test_clients_that_disconnect_do_not_cost_batch_slots(tiny_repository: Path) 
             blocking.release.set()
             tower._session = real
 
+
+
+def test_requests_above_max_concurrent_requests_are_refused_at_once_on_both_ports(
+    tiny_repository: Path,
+) -> None:
+    """With the one admitted call held in the engine, the next call is refused at the door:
+    RESOURCE_EXHAUSTED over gRPC, 429 with Retry-After over HTTP, each naming the limit."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    with running_server(tiny_repository, max_concurrent_requests=1, http_port=0) as server:
+        model = server.server.model
+        tower = vision_tower(server)
+        real = tower._session
+        blocking = tower._session = BlockingSession(real)
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                stub = pb_grpc.ClipServiceStub(channel)
+                held = stub.EncodeImage.future(one_image(), timeout=60)
+                assert blocking.entered.wait(30)
+                assert model.in_flight == 1
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.EncodeText(pb.EncodeTextRequest(texts=["a cat"]), timeout=30)
+                assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                assert info.value.details() == (
+                    "1 requests in flight, the limit is 1 (max_concurrent_requests); "
+                    "retry with backoff"
+                )
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{server.server.http_port}/v1/embeddings",
+                    data=json.dumps({"input": ["a cat"]}).encode(),
+                    headers={"Content-Type": "application/json"}, method="POST",
+                )
+                with pytest.raises(urllib.error.HTTPError) as http_info:
+                    urllib.request.urlopen(request, timeout=30)
+                assert http_info.value.code == 429
+                assert http_info.value.headers["Retry-After"] == "1"
+                body = json.loads(http_info.value.read())
+                assert "(max_concurrent_requests)" in body["error"]["message"]
+                blocking.release.set()
+                assert len(held.result(timeout=30).embeddings) == 1
+                wait_until(lambda: model.in_flight == 0, what="the held call to leave")
+                assert len(stub.EncodeText(pb.EncodeTextRequest(texts=["a cat"]),
+                                           timeout=30).embeddings) == 1
+        finally:
+            blocking.release.set()
+            tower._session = real
 
 
 def test_a_calls_deadline_goes_with_its_items_and_expired_work_is_never_computed(

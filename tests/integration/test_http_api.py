@@ -245,6 +245,25 @@ def _get(server: ServerThread, path: str, token: str | None = None) -> tuple[int
         return exc.code, json.loads(exc.read())
 
 
+def test_unknown_routes_and_methods_get_404_and_405_in_the_error_format(
+    http_server: ServerThread,
+) -> None:
+    status, body = _get(http_server, "/v1/nope", TOKEN)
+    assert status == 404
+    assert body["error"]["code"] == "not_found"
+    assert body["error"]["type"] == "invalid_request_error"
+    assert "GET /v1/nope" in body["error"]["message"]
+    request = urllib.request.Request(base_url(http_server) + "/v1/embeddings")  # GET, not POST
+    request.add_header("Authorization", f"Bearer {TOKEN}")
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=30)
+    assert info.value.code == 405
+    assert "POST" in info.value.headers["Allow"]
+    error = json.loads(info.value.read())["error"]
+    assert error["code"] == "method_not_allowed"
+    assert "GET /v1/embeddings" in error["message"]
+
+
 def test_models_lists_the_model_with_its_info(
     http_server: ServerThread, client: openai.OpenAI, stub: Callable[[str, Any], Any]
 ) -> None:
