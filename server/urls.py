@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from clipserve.server.errors import Forbidden, InvalidInput
+from clipserve.server.errors import DeadlineExpired, Forbidden, InvalidInput
 from clipserve.server.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -115,17 +115,20 @@ class UrlFetcher:
 
     async def fetch(self, url: str, deadline: float | None = None) -> bytes:
         """The body of `url` (following checked redirects), within the policy's limits."""
-        budget = self.policy.timeout_s
-        if deadline is not None:
-            budget = min(budget, deadline - time.monotonic())
+        budget, by_deadline = self.policy.timeout_s, False
+        if deadline is not None and deadline - time.monotonic() < budget:
+            budget, by_deadline = deadline - time.monotonic(), True
         if budget <= 0:
-            raise InvalidInput("no time left to fetch the URL before the call's deadline")
+            raise DeadlineExpired("the call's deadline passed before the URL could be fetched")
         try:
             return await asyncio.wait_for(self._fetch_in_slot(url), budget)
         except TimeoutError:
+            if by_deadline:  # the caller's limit, not the image host's slowness
+                raise DeadlineExpired(
+                    f"the call's deadline passed while fetching the URL ({budget:.1f}s)"
+                ) from None
             raise InvalidInput(
-                f"fetching the URL took longer than {budget:.1f}s (url_timeout_s or the call's "
-                "deadline)"
+                f"fetching the URL took longer than {budget:.1f}s (url_timeout_s)"
             ) from None
 
     async def _fetch_in_slot(self, url: str) -> bytes:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 
-from clipserve.server.errors import Forbidden, InvalidInput
+from clipserve.server.errors import DeadlineExpired, Forbidden, InvalidInput
 from clipserve.server.urls import UrlFetcher, UrlPolicy, refused_address
 
 
@@ -126,3 +129,26 @@ async def test_the_allowlist_is_checked_before_resolving(
 async def test_allow_private_is_the_only_way_to_loopback() -> None:
     f = fetcher({"localhost": ["127.0.0.1"]}, "localhost", allow_private=True)
     assert (await f.check("http://localhost:8080/a.png")).address == "127.0.0.1"
+
+
+async def test_a_slow_host_is_the_inputs_fault_and_a_short_deadline_the_callers() -> None:
+    """A host that accepts and never answers: past url_timeout_s the image is refused
+    (INVALID_ARGUMENT); when the call's deadline comes first, the deadline passed
+    (DEADLINE_EXCEEDED); with no time left, nothing is fetched."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/a.png"
+        f = fetcher({"127.0.0.1": ["127.0.0.1"]}, "127.0.0.1", allow_private=True, timeout_s=0.3)
+        with pytest.raises(InvalidInput, match=r"took longer than 0\.3s \(url_timeout_s\)$"):
+            await f.fetch(url)
+        with pytest.raises(InvalidInput):
+            await f.fetch(url, deadline=time.monotonic() + 10)  # url_timeout_s comes first
+        patient = fetcher({"127.0.0.1": ["127.0.0.1"]}, "127.0.0.1", allow_private=True,
+                          timeout_s=30.0)
+        started = time.monotonic()
+        with pytest.raises(DeadlineExpired, match="deadline passed while fetching the URL"):
+            await patient.fetch(url, deadline=started + 0.1)
+        assert time.monotonic() - started < 15  # at the deadline, long before url_timeout_s
+        with pytest.raises(DeadlineExpired, match="before the URL could be fetched"):
+            await patient.fetch(url, deadline=time.monotonic() - 1)
