@@ -516,6 +516,48 @@ def test_requests_above_max_concurrent_requests_are_refused_at_once_on_both_port
             tower._session = real
 
 
+def test_images_whose_queue_timeout_passed_behind_the_decoders_are_never_decoded(
+    tiny_repository: Path,
+) -> None:
+    """--queue-timeout-ms bounds the wait from admission, the decoding pool's queue included:
+    an image still waiting for a busy decoder when it passes is answered DEADLINE_EXCEEDED,
+    naming the item, without being decoded."""
+    with running_server(tiny_repository, preprocess_workers=1, queue_timeout_ms=300) as server:
+        model = server.server.model
+        real_decode = model.preprocessor.decode
+        gate, entered, decoded = threading.Event(), threading.Event(), []
+
+        def held_decode(data: bytes, **kwargs: Any) -> np.ndarray:
+            decoded.append(len(data))
+            entered.set()
+            gate.wait(60)
+            return real_decode(data, **kwargs)
+
+        model.preprocessor.decode = held_decode
+        try:
+            with grpc.insecure_channel(server.address) as channel:
+                stub = pb_grpc.ClipServiceStub(channel)
+                first = stub.EncodeImage.future(one_image(), timeout=30)
+                assert entered.wait(30)  # the one decoder is busy with the first call
+                second = stub.EncodeImage.future(
+                    pb.EncodeImageRequest(images=[pb.Image(data=jpeg(64, 48, 8))]), timeout=30
+                )
+                time.sleep(0.6)  # twice the queue timeout, with the decoder held
+                gate.set()
+                error = second.exception(timeout=30)
+                assert error is not None
+                assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                assert error.details() == (
+                    "images[0]: the queue timeout or the call's deadline passed before "
+                    "preprocessing"
+                )
+                first.exception(timeout=30)  # answered one way or the other (it waited too)
+                assert len(decoded) == 1  # the second image was never decoded
+        finally:
+            gate.set()
+            model.preprocessor.decode = real_decode
+
+
 def test_a_calls_deadline_goes_with_its_items_and_expired_work_is_never_computed(
     tiny_repository: Path,
 ) -> None:
