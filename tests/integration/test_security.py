@@ -157,6 +157,20 @@ def health_call(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = (
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
+def health_watch(channel: grpc.Channel, metadata: tuple[tuple[str, str], ...] = ()) -> str:
+    """The first status of a grpc.health.v1 Watch (a server-streaming call), or its error."""
+    call = health_pb2_grpc.HealthStub(channel).Watch(
+        health_pb2.HealthCheckRequest(), timeout=10, metadata=metadata
+    )
+    try:
+        response = next(call)
+    except grpc.RpcError as error:
+        return error.code().name
+    finally:
+        call.cancel()
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
 # -- TLS -----------------------------------------------------------------------------------
 def test_tls_only_and_reflection_off(tiny_repository: Path, pki: Pki) -> None:
     with running_server(
@@ -300,6 +314,8 @@ def test_bearer_tokens_from_the_environment_with_public_reflection_only(
     ) as server, grpc.insecure_channel(server.address) as channel:
         assert health_call(channel) == "UNAUTHENTICATED"
         assert health_call(channel, bearer(OTHER_TOKEN)) == "SERVING"
+        assert health_watch(channel) == "UNAUTHENTICATED"  # streaming calls are guarded too
+        assert health_watch(channel, bearer(TOKEN)) == "SERVING"
         assert reflection_call(channel) == "OK"
         assert encode_text(channel) == "UNAUTHENTICATED"
         assert encode_text(channel, bearer(TOKEN)) == "OK"
