@@ -373,6 +373,42 @@ def test_a_failing_text_session_fails_encode_text_and_rank_then_is_rebuilt(
     assert SECRET_PATH in caplog.text
 
 
+def test_a_failing_session_answers_the_http_api_500_without_the_detail(
+    tiny_repository: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    from clipserve.server.grpc_errors import INTERNAL_MESSAGE
+    from tests.conftest import TINY_MODEL
+
+    with running_server(tiny_repository, http_port=0, session_failure_threshold=0) as server:
+        tower = vision_tower(server)
+        real = tower._session
+        tower._session = FailingSession(real)
+        try:
+            image = "data:image/jpeg;base64," + base64.b64encode(jpeg(64, 48, 7)).decode()
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{server.server.http_port}/v1/embeddings",
+                data=json.dumps({"model": TINY_MODEL, "input": [image]}).encode(),
+                headers={"Content-Type": "application/json"}, method="POST",
+            )
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(request, timeout=30)
+            body = info.value.read().decode()
+        finally:
+            tower._session = real
+    assert info.value.code == 500
+    error = json.loads(body)["error"]
+    assert (error["message"], error["type"], error["code"]) == (
+        INTERNAL_MESSAGE, "server_error", "internal"
+    )
+    assert SECRET_PATH not in body
+    assert SECRET_PATH in caplog.text
+
+
 @pytest.mark.parametrize(
     ("case", "settings"),
     [
@@ -477,6 +513,8 @@ def test_requests_above_max_concurrent_requests_are_refused_at_once_on_both_port
     import urllib.error
     import urllib.request
 
+    from tests.conftest import TINY_MODEL
+
     with running_server(tiny_repository, max_concurrent_requests=1, http_port=0) as server:
         model = server.server.model
         tower = vision_tower(server)
@@ -497,7 +535,7 @@ def test_requests_above_max_concurrent_requests_are_refused_at_once_on_both_port
                 )
                 request = urllib.request.Request(
                     f"http://127.0.0.1:{server.server.http_port}/v1/embeddings",
-                    data=json.dumps({"input": ["a cat"]}).encode(),
+                    data=json.dumps({"model": TINY_MODEL, "input": ["a cat"]}).encode(),
                     headers={"Content-Type": "application/json"}, method="POST",
                 )
                 with pytest.raises(urllib.error.HTTPError) as http_info:
