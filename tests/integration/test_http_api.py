@@ -317,6 +317,11 @@ def test_urls_are_refused_naming_the_item_when_the_server_does_not_fetch_them(
         client.embeddings.create(model=TINY_MODEL, input=["a cat", url])
     assert info.value.body["param"] == "input[1]"  # type: ignore[index]
     assert "URL inputs are disabled" in info.value.body["message"]  # type: ignore[index]
+    explicit = {"type": "image_url", "image_url": {"url": url}}  # the explicit form, same rule
+    with pytest.raises(openai.PermissionDeniedError) as info:
+        client.embeddings.create(model=TINY_MODEL, input=[explicit])  # type: ignore[list-item]
+    assert info.value.body["param"] == "input[0]"  # type: ignore[index]
+    assert "URL inputs are disabled" in info.value.body["message"]  # type: ignore[index]
     as_text = client.embeddings.create(
         model=TINY_MODEL, input=[{"type": "text", "text": url}]  # type: ignore[list-item]
     )
