@@ -226,6 +226,20 @@ def test_a_manifest_of_another_version_is_refused(tiny_repository, tmp_path) -> 
     assert "format_version is 99" in result.stderr
 
 
+def test_tensor_names_that_disagree_with_the_manifest_exit_3_naming_both(
+    tiny_repository, tmp_path
+) -> None:
+    repo = _copy(tiny_repository, tmp_path)
+    manifest = json.loads((repo / "clipserve.json").read_text())
+    manifest["vision"]["input"] = "pixels"
+    (repo / "clipserve.json").write_text(json.dumps(manifest))
+    result = _serve_exit(repo)
+    assert result.returncode == 3, result.stderr
+    assert ("error: vision model has inputs ['pixel_values'] and outputs ['image_embeds']; the "
+            "manifest expects 'pixels' -> 'image_embeds'") in result.stderr
+    assert "on port" not in result.stderr
+
+
 def test_shapes_that_disagree_with_the_manifest_are_refused(tiny_repository, tmp_path) -> None:
     repo = _copy(tiny_repository, tmp_path)
     manifest = json.loads((repo / "clipserve.json").read_text())
