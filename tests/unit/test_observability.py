@@ -8,16 +8,18 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import socket
 import time
 from collections.abc import Hashable
 
 import grpc
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from clipserve.server import trace as trace_mod
 from clipserve.server.access_log import CallRecord, JsonFormatter
 from clipserve.server.batcher import BatcherConfig, BatchEvent, DynamicBatcher
-from clipserve.server.metrics import TRITON_FAMILIES, Metrics
+from clipserve.server.metrics import TRITON_FAMILIES, Metrics, listening_socket
 from clipserve.server.trace import RequestTrace
 from clipserve.server.triton.models import Kind, TensorSpec, TritonModel
 from clipserve.server.triton.statistics import TritonStatistics
@@ -167,3 +169,38 @@ def test_json_lines_carry_the_access_fields_as_keys() -> None:
         "/inference.GRPCInferenceService/ModelInfer", "OK", 3, "clip_text"
     )
     assert (line["latency_ms"], line["queue_ms"]) == (12.5, 2.5)
+
+
+def _has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+def test_the_default_host_listens_on_ipv4_and_ipv6_and_a_busy_port_is_named() -> None:
+    """"[::]" (the default --host) gives one socket that IPv4 clients reach too (and IPv6 ones
+    where the machine has IPv6); a port in use fails naming what and where."""
+    sock = listening_socket("[::]", 0, "metrics port")
+    try:
+        port = sock.getsockname()[1]
+        families = [(socket.AF_INET, "127.0.0.1")]
+        if sock.family == socket.AF_INET6 and _has_ipv6_loopback():
+            families.append((socket.AF_INET6, "::1"))
+        sock.setblocking(True)
+        for family, address in families:
+            with socket.socket(family, socket.SOCK_STREAM) as client:
+                client.settimeout(5)
+                client.connect((address, port))
+                accepted, _ = sock.accept()
+                accepted.close()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            busy = taken.getsockname()[1]
+            with pytest.raises(OSError, match=rf"cannot bind the HTTP port 127\.0\.0\.1:{busy}: "):
+                listening_socket("127.0.0.1", busy, "HTTP port").close()
+    finally:
+        sock.close()
