@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 import pytest
@@ -152,3 +153,70 @@ async def test_a_slow_host_is_the_inputs_fault_and_a_short_deadline_the_callers(
         assert time.monotonic() - started < 15  # at the deadline, long before url_timeout_s
         with pytest.raises(DeadlineExpired, match="before the URL could be fetched"):
             await patient.fetch(url, deadline=time.monotonic() - 1)
+
+
+class CannedHost:
+    """A TCP server on 127.0.0.1 that answers every request with `reply`, then closes."""
+
+    def __init__(self, reply: bytes) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen()
+        self.port = self._sock.getsockname()[1]
+        self._reply = reply
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:  # closed
+                return
+            with conn:
+                conn.settimeout(5)
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    chunk = conn.recv(4096)
+                    if not chunk:
+                        break
+                    request += chunk
+                conn.sendall(self._reply)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+@pytest.mark.parametrize(
+    ("reply", "message"),
+    [
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 1000\r\n\r\n0123456789",
+         "127.0.0.1 sent 10 of 1000 bytes"),
+        (b"HTTP/1.0 302 Found\r\nContent-Length: 0\r\n\r\n",
+         "127.0.0.1 answered HTTP 302 without Location"),
+        (b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "127.0.0.1 sent no valid HTTP response"),
+        (b"HTTP/1.0 200 OK\r\nno colon here\r\n\r\nbody", "127.0.0.1 sent no valid HTTP response"),
+        (b"HTTP/1.0 200 OK\r\nContent-Type: image/png", "127.0.0.1 sent no valid HTTP response"),
+    ],
+    ids=["short-body", "redirect-without-location", "not-http", "header-without-colon",
+         "headers-never-end"],
+)
+async def test_hosts_that_answer_badly_are_named_and_refused(reply: bytes, message: str) -> None:
+    host = CannedHost(reply)
+    try:
+        f = fetcher({"127.0.0.1": ["127.0.0.1"]}, "127.0.0.1", allow_private=True)
+        with pytest.raises(InvalidInput) as info:
+            await f.fetch(f"http://127.0.0.1:{host.port}/a.png")
+        assert str(info.value) == message
+    finally:
+        host.close()
+
+
+async def test_a_non_ascii_path_is_refused_before_anything_is_sent() -> None:
+    host = CannedHost(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    try:
+        f = fetcher({"127.0.0.1": ["127.0.0.1"]}, "127.0.0.1", allow_private=True)
+        with pytest.raises(InvalidInput, match=r"the URL path is not ASCII \(percent-encode it\)"):
+            await f.fetch(f"http://127.0.0.1:{host.port}/k\u00e4tzchen.png")
+        assert await f.fetch(f"http://127.0.0.1:{host.port}/k%C3%A4tzchen.png") == b"ok"
+    finally:
+        host.close()
