@@ -50,3 +50,26 @@ def test_broken_wire_format_gets_a_generic_message() -> None:
         "the request is not a valid clipserve.v1.EncodeTextRequest message (protobuf cannot "
         "parse it)"
     )
+
+
+def test_every_wire_type_is_walked_past_to_the_bad_text() -> None:
+    """Varints (the format enum), fixed 32- and 64-bit fields and a known string come before
+    the text that is not UTF-8: the walk steps over each and still names it."""
+    valid = pb.EncodeTextRequest(texts=["a"], format=pb.EMBEDDING_FORMAT_FP16_BYTES)
+    fixed64 = b"\x99\x06" + bytes(8)  # field 99, wire type 1 (unknown: skipped)
+    fixed32 = b"\xa5\x06" + bytes(4)  # field 100, wire type 5
+    data = valid.SerializeToString() + fixed64 + fixed32 + string_field(1, BAD)
+    assert first_invalid_utf8(pb.EncodeTextRequest.DESCRIPTOR, data) == "texts[1]"
+
+
+def test_wire_formats_no_walk_can_describe_get_the_generic_message() -> None:
+    for data in (
+        b"\x0a\x7f" + string_field(1, BAD),  # a field longer than what is left
+        b"\x0b" + string_field(1, BAD),  # wire type 3 (a group): not in proto3
+        b"\x08" + b"\xff" * 11 + string_field(1, BAD),  # a varint of more than 64 bits
+        b"\x08\xff",  # a varint cut off
+    ):
+        error = describe(pb.EncodeTextRequest.DESCRIPTOR, data)
+        assert isinstance(error, InvalidInput)
+        assert error.item is None, data
+        assert "protobuf cannot parse it" in str(error)
