@@ -409,6 +409,92 @@ def test_a_failing_session_answers_the_http_api_500_without_the_detail(
     assert SECRET_PATH in caplog.text
 
 
+class HeldReload:
+    """Stands in for a tower's `reload` (the session rebuild) and waits for `release`."""
+
+    def __init__(self, tower: Any) -> None:
+        self._tower, self._real = tower, tower.reload
+        self.entered, self.release = threading.Event(), threading.Event()
+        tower.reload = self
+
+    def __call__(self) -> None:
+        self.entered.set()
+        self.release.wait(60)
+        self._real()
+
+    def restore(self) -> None:
+        self.release.set()
+        self._tower.reload = self._real
+
+
+def _fail_one_batch(server: ServerThread) -> Any:
+    """Break the vision session and send one image: with threshold 1, a rebuild starts."""
+    tower = vision_tower(server)
+    real = tower._session
+    tower._session = FailingSession(real)
+    with grpc.insecure_channel(server.address) as channel, pytest.raises(grpc.RpcError):
+        pb_grpc.ClipServiceStub(channel).EncodeImage(one_image(), timeout=30)
+    return real
+
+
+def test_a_stop_while_a_session_is_rebuilt_does_not_wait_for_the_rebuild(
+    tiny_repository: Path,
+) -> None:
+    server = ServerThread(tiny_repository, session_failure_threshold=1).start()
+    held = HeldReload(vision_tower(server))
+    try:
+        _fail_one_batch(server)
+        assert held.entered.wait(30)  # the rebuild runs, on the inference thread, and waits
+        supervisor = server.server.supervisor
+        assert supervisor.recovering
+        assert health_status(server.address) == "NOT_SERVING"
+        started = time.monotonic()
+        server.stop(1.0)
+        assert time.monotonic() - started < 30  # the held rebuild would take 60 s
+        assert not supervisor.recovering  # cancelled
+        assert supervisor.rebuilds == 0
+    finally:
+        held.restore()
+
+
+def test_a_rebuild_that_ends_during_the_drain_does_not_turn_serving_again(
+    tiny_repository: Path,
+) -> None:
+    server = ServerThread(tiny_repository, session_failure_threshold=1).start()
+    model = server.server.model
+    text_tower = model.text._batch_fns[0].tower
+    text_session = text_tower._session
+    blocking = text_tower._session = BlockingSession(text_session)  # keeps a call in flight
+    held = HeldReload(vision_tower(server))
+    stopping: threading.Thread | None = None
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ClipServiceStub(channel)
+            in_flight = stub.EncodeText.future(pb.EncodeTextRequest(texts=["a cat"]),
+                                               timeout=60)
+            assert blocking.entered.wait(30)
+            _fail_one_batch(server)
+            assert held.entered.wait(30)
+            stopping = threading.Thread(target=server.stop, args=(30.0,))
+            stopping.start()  # drains: waits for the text call
+            wait_until(lambda: "in_flight" in server.server.drain_report,
+                       what="the drain to start")
+            held.release.set()  # the rebuild ends while the server drains
+            supervisor = server.server.supervisor
+            wait_until(lambda: supervisor.rebuilds == 1, what="the rebuild to end")
+            assert model.ready is False  # not admitting again ...
+            assert health_status(server.address) == "NOT_SERVING"  # ... nor SERVING
+            blocking.release.set()
+            assert len(in_flight.result(timeout=30).embeddings) == 1  # drained, answered
+        stopping.join(60)
+        assert not stopping.is_alive()
+    finally:
+        held.restore()
+        blocking.release.set()
+        if stopping is not None:
+            stopping.join(60)
+
+
 @pytest.mark.parametrize(
     ("case", "settings"),
     [
