@@ -192,6 +192,25 @@ def test_a_port_in_use_exits_4_naming_it(tiny_repository, flag: str) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(),
+    reason="this onnxruntime has a CUDA provider: --device cuda starts here",
+)
+def test_device_cuda_without_a_cuda_provider_exits_3_saying_what_to_install(
+    tiny_repository,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "clipserve", "serve", "--model-repository", str(tiny_repository),
+         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--device", "cuda"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 3, result.stderr
+    assert ("error: --device cuda was asked for but this onnxruntime has no "
+            "CUDAExecutionProvider") in result.stderr
+    assert "install the `gpu` extra (onnxruntime-gpu)" in result.stderr
+    assert "on port" not in result.stderr
+
+
 def test_a_missing_repository_exits_non_zero_before_the_port_opens(tmp_path) -> None:
     result = _serve_exit(tmp_path / "nowhere")
     assert result.returncode != 0

@@ -252,6 +252,11 @@ def test_requested_outputs_and_the_truncate_parameter(client) -> None:
     assert code == "StatusCode.INVALID_ARGUMENT"
     assert "texts[0]" in message
     assert "tokens long" in message
+    code, message = status_of(
+        lambda: client.infer("clip_text_strings", [tensor], parameters={"truncate": "no"})
+    )
+    assert code == "StatusCode.INVALID_ARGUMENT"
+    assert message.endswith("parameter 'truncate' must be a bool")
 
 
 # -- errors -----------------------------------------------------------------------------------

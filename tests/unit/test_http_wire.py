@@ -157,6 +157,9 @@ def test_a_request_in_openais_shape() -> None:
          "truncate: unrecognized request argument(s) truncate"),
         ({"model": "ViT-L-14", "input": [1, 2, 3]}, InvalidInput, "input: token arrays"),
         ({"model": "ViT-L-14", "input": 7}, InvalidInput, "input: must be a string or a list"),
+        (None, InvalidInput, "the request body must be a JSON object, got null"),
+        ({"model": 5, "input": "a"}, InvalidInput, "model: must be a string"),
+        ({"model": "ViT-L-14", "input": "a", "user": 42}, InvalidInput, "user: must be a string"),
     ],
 )
 def test_bad_requests_name_the_field(

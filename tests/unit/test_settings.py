@@ -127,3 +127,14 @@ def test_serve_help_explains_every_flag() -> None:
     assert result.returncode == 0
     for name in setting_names():
         assert name in result.stdout
+
+
+def test_an_http_port_without_the_http_extra_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from clipserve.server.app import _http_api_class
+    from clipserve.server.settings import ConfigError
+
+    monkeypatch.setitem(sys.modules, "clipserve.server.http_api", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"http_port needs the `http` extra \(pip install"):
+        _http_api_class()
