@@ -18,6 +18,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -548,6 +549,20 @@ class BlockingSession:
         return getattr(self._real, name)
 
 
+@contextmanager
+def held_vision_engine(server: ServerThread) -> Iterator[BlockingSession]:
+    """The first vision instance's session swapped for a `BlockingSession`; released and put
+    back on exit."""
+    tower = vision_tower(server)
+    real = tower._session
+    blocking = tower._session = BlockingSession(real)
+    try:
+        yield blocking
+    finally:
+        blocking.release.set()
+        tower._session = real
+
+
 def test_clients_that_disconnect_do_not_cost_batch_slots(tiny_repository: Path) -> None:
     """Cancelled items are dropped from the batch waiting for the engine and from the queue."""
 
@@ -557,36 +572,31 @@ def test_clients_that_disconnect_do_not_cost_batch_slots(tiny_repository: Path) 
     with running_server(tiny_repository, max_queue_delay_us=1000) as server:
         model = server.server.model
         batcher = model.vision  # max_batch_size 8
-        tower = vision_tower(server)
-        real = tower._session
-        blocking = tower._session = BlockingSession(real)
-        try:
-            with grpc.insecure_channel(server.address) as channel:
-                stub = pb_grpc.ClipServiceStub(channel)
-                running = stub.EncodeImage.future(images(1), timeout=60)
-                blocking.entered.wait(30)  # its batch holds the engine
-                computed = batcher.stats.inference_count
-                cancelled = batcher.stats.cancelled_items
-                staying = stub.EncodeImage.future(images(4), timeout=60)
-                # the next batch waits for the engine (a test-only look at it): 4 + 4 = full
-                wait_until(lambda: len(batcher._held) == 4, what="the next batch")
-                leaving_held = stub.EncodeImage.future(images(4), timeout=60)
-                wait_until(lambda: len(batcher._held) == 8, what="a full next batch")
-                leaving_queued = stub.EncodeImage.future(images(4), timeout=60)
-                wait_until(lambda: batcher.queued == 4, what="items behind the full batch")
-                leaving_held.cancel()  # two clients go away: 4 items in the waiting batch,
-                leaving_queued.cancel()  # 4 in the queue
-                wait_until(lambda: model.in_flight == 2, what="the server to see the cancels")
-                blocking.release.set()
-                assert len(running.result().embeddings) == 1
-                assert len(staying.result().embeddings) == 4
-                wait_until(lambda: batcher.queued == 0, what="the queue to empty")
-                assert batcher.stats.cancelled_items - cancelled == 8  # skipped ...
-                assert batcher.stats.inference_count - computed == 1 + 4  # ... not computed
-                assert len(stub.EncodeImage(one_image(), timeout=30).embeddings) == 1
-        finally:
+        with held_vision_engine(server) as blocking, grpc.insecure_channel(
+            server.address
+        ) as channel:
+            stub = pb_grpc.ClipServiceStub(channel)
+            running = stub.EncodeImage.future(images(1), timeout=60)
+            blocking.entered.wait(30)  # its batch holds the engine
+            computed = batcher.stats.inference_count
+            cancelled = batcher.stats.cancelled_items
+            staying = stub.EncodeImage.future(images(4), timeout=60)
+            # the next batch waits for the engine (a test-only look at it): 4 + 4 = full
+            wait_until(lambda: len(batcher._held) == 4, what="the next batch")
+            leaving_held = stub.EncodeImage.future(images(4), timeout=60)
+            wait_until(lambda: len(batcher._held) == 8, what="a full next batch")
+            leaving_queued = stub.EncodeImage.future(images(4), timeout=60)
+            wait_until(lambda: batcher.queued == 4, what="items behind the full batch")
+            leaving_held.cancel()  # two clients go away: 4 items in the waiting batch,
+            leaving_queued.cancel()  # 4 in the queue
+            wait_until(lambda: model.in_flight == 2, what="the server to see the cancels")
             blocking.release.set()
-            tower._session = real
+            assert len(running.result().embeddings) == 1
+            assert len(staying.result().embeddings) == 4
+            wait_until(lambda: batcher.queued == 0, what="the queue to empty")
+            assert batcher.stats.cancelled_items - cancelled == 8  # skipped ...
+            assert batcher.stats.inference_count - computed == 1 + 4  # ... not computed
+            assert len(stub.EncodeImage(one_image(), timeout=30).embeddings) == 1
 
 
 
@@ -603,41 +613,36 @@ def test_requests_above_max_concurrent_requests_are_refused_at_once_on_both_port
 
     with running_server(tiny_repository, max_concurrent_requests=1, http_port=0) as server:
         model = server.server.model
-        tower = vision_tower(server)
-        real = tower._session
-        blocking = tower._session = BlockingSession(real)
-        try:
-            with grpc.insecure_channel(server.address) as channel:
-                stub = pb_grpc.ClipServiceStub(channel)
-                held = stub.EncodeImage.future(one_image(), timeout=60)
-                assert blocking.entered.wait(30)
-                assert model.in_flight == 1
-                with pytest.raises(grpc.RpcError) as info:
-                    stub.EncodeText(pb.EncodeTextRequest(texts=["a cat"]), timeout=30)
-                assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert info.value.details() == (
-                    "1 requests in flight, the limit is 1 (max_concurrent_requests); "
-                    "retry with backoff"
-                )
-                request = urllib.request.Request(
-                    f"http://127.0.0.1:{server.server.http_port}/v1/embeddings",
-                    data=json.dumps({"model": TINY_MODEL, "input": ["a cat"]}).encode(),
-                    headers={"Content-Type": "application/json"}, method="POST",
-                )
-                with pytest.raises(urllib.error.HTTPError) as http_info:
-                    urllib.request.urlopen(request, timeout=30)
-                assert http_info.value.code == 429
-                assert http_info.value.headers["Retry-After"] == "1"
-                body = json.loads(http_info.value.read())
-                assert "(max_concurrent_requests)" in body["error"]["message"]
-                blocking.release.set()
-                assert len(held.result(timeout=30).embeddings) == 1
-                wait_until(lambda: model.in_flight == 0, what="the held call to leave")
-                assert len(stub.EncodeText(pb.EncodeTextRequest(texts=["a cat"]),
-                                           timeout=30).embeddings) == 1
-        finally:
+        with held_vision_engine(server) as blocking, grpc.insecure_channel(
+            server.address
+        ) as channel:
+            stub = pb_grpc.ClipServiceStub(channel)
+            held = stub.EncodeImage.future(one_image(), timeout=60)
+            assert blocking.entered.wait(30)
+            assert model.in_flight == 1
+            with pytest.raises(grpc.RpcError) as info:
+                stub.EncodeText(pb.EncodeTextRequest(texts=["a cat"]), timeout=30)
+            assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert info.value.details() == (
+                "1 requests in flight, the limit is 1 (max_concurrent_requests); "
+                "retry with backoff"
+            )
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{server.server.http_port}/v1/embeddings",
+                data=json.dumps({"model": TINY_MODEL, "input": ["a cat"]}).encode(),
+                headers={"Content-Type": "application/json"}, method="POST",
+            )
+            with pytest.raises(urllib.error.HTTPError) as http_info:
+                urllib.request.urlopen(request, timeout=30)
+            assert http_info.value.code == 429
+            assert http_info.value.headers["Retry-After"] == "1"
+            body = json.loads(http_info.value.read())
+            assert "(max_concurrent_requests)" in body["error"]["message"]
             blocking.release.set()
-            tower._session = real
+            assert len(held.result(timeout=30).embeddings) == 1
+            wait_until(lambda: model.in_flight == 0, what="the held call to leave")
+            assert len(stub.EncodeText(pb.EncodeTextRequest(texts=["a cat"]),
+                                       timeout=30).embeddings) == 1
 
 
 def test_images_whose_queue_timeout_passed_behind_the_decoders_are_never_decoded(
@@ -690,41 +695,36 @@ def test_a_calls_deadline_goes_with_its_items_and_expired_work_is_never_computed
     late_items = 3
     with running_server(tiny_repository, max_queue_delay_us=1000) as server:
         batcher = server.server.model.vision  # max_batch_size 8
-        tower = vision_tower(server)
-        real = tower._session
-        blocking = tower._session = BlockingSession(real)
-        try:
-            with grpc.insecure_channel(server.address) as channel:
-                stub = pb_grpc.ClipServiceStub(channel)
-                running = stub.EncodeImage.future(one_image(), timeout=60)
-                assert blocking.entered.wait(30)  # its batch holds the engine
-                computed = batcher.stats.inference_count
-                dropped = batcher.stats.cancelled_items + batcher.stats.expired_items
-                request = pb.EncodeImageRequest(images=[one_image().images[0]] * late_items)
-                sent = time.monotonic()
-                late = stub.EncodeImage.future(request, timeout=1.0)
-                # the late call's items form the next batch (a test-only look at it)
-                wait_until(lambda: len(batcher._held) == late_items, what="the late batch")
-                expires = [item.expires for item in batcher._held]
-                for deadline in expires:  # each item carries the call's deadline
-                    assert deadline is not None
-                    assert sent + 0.5 < deadline < sent + 1.5  # about sent + 1 s
-                error = late.exception(timeout=30)
-                assert error is not None
-                assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-                # the server's deadline is the client's plus the transit: let it pass too
-                time.sleep(max(0.0, max(expires) - time.monotonic()) + 0.05)  # type: ignore[type-var]
-                blocking.release.set()
-                assert len(running.result(timeout=30).embeddings) == 1
-                wait_until(lambda: not batcher._held and batcher.queued == 0,
-                           what="the late batch to be dropped")
-                assert batcher.stats.inference_count - computed == 1  # the running call only
-                assert (batcher.stats.cancelled_items + batcher.stats.expired_items
-                        - dropped) == late_items
-                assert len(stub.EncodeImage(one_image(), timeout=30).embeddings) == 1
-        finally:
+        with held_vision_engine(server) as blocking, grpc.insecure_channel(
+            server.address
+        ) as channel:
+            stub = pb_grpc.ClipServiceStub(channel)
+            running = stub.EncodeImage.future(one_image(), timeout=60)
+            assert blocking.entered.wait(30)  # its batch holds the engine
+            computed = batcher.stats.inference_count
+            dropped = batcher.stats.cancelled_items + batcher.stats.expired_items
+            request = pb.EncodeImageRequest(images=[one_image().images[0]] * late_items)
+            sent = time.monotonic()
+            late = stub.EncodeImage.future(request, timeout=1.0)
+            # the late call's items form the next batch (a test-only look at it)
+            wait_until(lambda: len(batcher._held) == late_items, what="the late batch")
+            expires = [item.expires for item in batcher._held]
+            for deadline in expires:  # each item carries the call's deadline
+                assert deadline is not None
+                assert sent + 0.5 < deadline < sent + 1.5  # about sent + 1 s
+            error = late.exception(timeout=30)
+            assert error is not None
+            assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            # the server's deadline is the client's plus the transit: let it pass too
+            time.sleep(max(0.0, max(expires) - time.monotonic()) + 0.05)  # type: ignore[type-var]
             blocking.release.set()
-            tower._session = real
+            assert len(running.result(timeout=30).embeddings) == 1
+            wait_until(lambda: not batcher._held and batcher.queued == 0,
+                       what="the late batch to be dropped")
+            assert batcher.stats.inference_count - computed == 1  # the running call only
+            assert (batcher.stats.cancelled_items + batcher.stats.expired_items
+                    - dropped) == late_items
+            assert len(stub.EncodeImage(one_image(), timeout=30).embeddings) == 1
 
 
 def _hpack_literal(name: str, value: str) -> bytes:
