@@ -209,7 +209,7 @@ class ServerSettings:
     tls_cert: str = _opt(
         "", "PEM certificate chain of the server; with --tls-key the port serves TLS only"
     )
-    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_key: str = _opt("", "PEM private key of --tls-cert (unencrypted)")
     tls_client_ca: str = _opt(
         "", "PEM CA certificates; when set, clients must present a certificate they signed (mTLS)"
     )

@@ -47,11 +47,14 @@ def server_ssl_context(settings: ServerSettings) -> ssl.SSLContext | None:
     _read("tls_key", settings.tls_key)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        # never OpenSSL's interactive password prompt: an encrypted key (which gRPC cannot
+        # use either) is refused as unusable
+        context.load_cert_chain(settings.tls_cert, settings.tls_key, password=lambda: b"")
         if settings.tls_client_ca:
             _read("tls_client_ca", settings.tls_client_ca)
             context.load_verify_locations(settings.tls_client_ca)
             context.verify_mode = ssl.CERT_REQUIRED
     except ssl.SSLError as exc:
-        raise ConfigError(f"tls_cert, tls_key or tls_client_ca: unusable ({exc.reason})") from None
+        why = exc.reason or "an encrypted key? clipserve needs it unencrypted"
+        raise ConfigError(f"tls_cert, tls_key or tls_client_ca: unusable ({why})") from None
     return context

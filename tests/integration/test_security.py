@@ -230,11 +230,22 @@ def test_security_misconfiguration_exits_2_before_the_port_opens(
     assert "SERVING" not in result.stderr
 
 
-def test_a_key_of_another_certificate_exits_2_naming_the_tls_settings(
-    tiny_repository: Path, pki: Pki
+@pytest.mark.parametrize("key", ["of another certificate", "encrypted"])
+def test_an_unusable_tls_key_exits_2_naming_the_tls_settings(
+    tiny_repository: Path, pki: Pki, tmp_path: Path, key: str
 ) -> None:
+    if key == "encrypted":  # the server's own key, with a passphrase gRPC could not use
+        private = serialization.load_pem_private_key(pki.server.key, None)
+        path = tmp_path / "encrypted.key"
+        path.write_bytes(private.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        ))
+        key_file = str(path)
+    else:
+        key_file = pki.files["client.key"]
     result = _serve_exit("--model-repository", str(tiny_repository), "--tls-cert",
-                         pki.files["server.pem"], "--tls-key", pki.files["client.key"])
+                         pki.files["server.pem"], "--tls-key", key_file)
     assert result.returncode == 2, result.stderr
     assert "error: invalid setting: tls_cert, tls_key or tls_client_ca: unusable" in result.stderr
     assert "Traceback" not in result.stderr
