@@ -2,10 +2,10 @@
 
 For an fp32 and an fp16 repository of the same model: fp16 parity against fp32 on the device,
 images/s of the raw session at every batch bucket (plain `session.run`, I/O binding, CUDA
-graphs), open_clip's own image tower in PyTorch at the same buckets (fp16, eager: the
-framework's figure on this GPU), then images/s through gRPC (tensors and JPEGs, several
-load-generator processes), texts/s, tensors again with two vision model instances and with a
-0.5 ms interpreter switch interval, and the GPU memory in use after each step. Prints one
+graphs), then images/s through gRPC (tensors and JPEGs, several load-generator processes),
+texts/s, tensors again with two vision model instances and with a 0.5 ms interpreter switch
+interval, and last open_clip's own image tower in PyTorch at the same buckets (fp16, eager:
+the framework's figure on this GPU), with the GPU memory in use after each step. Prints one
 line per figure and writes everything to a JSON file.
 
 With ``--fp16-attention REPO`` (the fp16 export at ``--opset 23``, whose attention is one ONNX
@@ -166,6 +166,8 @@ def pytorch_reference(repo: Path, device: Device, buckets: list[int], seconds: f
     measure()
     if cuda:
         torch.cuda.empty_cache()
+    say(f"gpu_mib/after_pytorch_{label}", gpu_memory_mib(),
+        f"GPU memory in use: {gpu_memory_mib()} MiB")
 
 
 def thread_cpu_seconds() -> dict[str, float]:
@@ -282,7 +284,6 @@ def main() -> None:
     steps = [
         ("parity", lambda: parity(args.fp32, args.fp16, device)),
         ("raw fp16", lambda: raw_sessions("fp16", args.fp16, device, buckets, args.seconds)),
-        ("pytorch", lambda: pytorch_reference(args.fp32, device, buckets, args.seconds)),
         ("grpc fp16", lambda: served(
             "fp16", args.fp16, device, args.processes, args.seconds * 2, serving,
         )),
@@ -300,10 +301,13 @@ def main() -> None:
             serving, TENSORS,
         )),
         ("raw fp32", lambda: raw_sessions("fp32", args.fp32, device, buckets[:4], args.seconds)),
+        # last: whatever PyTorch keeps on the GPU must not count in the server's memory figures
+        ("pytorch", lambda: pytorch_reference(args.fp32, device, buckets, args.seconds)),
     ]
     missing = simd_unavailable()  # the simd extra's wheels, carried by gpu_wheels.sh
     if not missing:  # the JPEG points again with the SIMD JPEG path (--preprocess-simd)
-        steps.insert(3, ("grpc fp16 simd JPEGs", lambda: served(
+        after = [name for name, _ in steps].index("grpc fp16") + 1  # the JPEG points again
+        steps.insert(after, ("grpc fp16 simd JPEGs", lambda: served(
             "fp16-simd", args.fp16, device, args.processes, args.seconds * 2,
             {**serving, "preprocess_simd": True}, JPEGS,
         )))

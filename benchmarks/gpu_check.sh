@@ -8,9 +8,8 @@
 #      cosine >= 0.99999 fp32, >= 0.999 fp16);
 #   3. runs benchmarks/gpu_check.py: fp16 vs fp32 parity on the GPU, images/s of the raw
 #      session at each batch bucket (session.run, I/O binding, CUDA graphs; the opset-23
-#      export beside, with the provider of each kind of node), open_clip's image tower in
-#      PyTorch fp16 at the same buckets, images/s through gRPC (tensors
-#      and JPEGs), texts/s, GPU memory;
+#      export beside, with the provider of each kind of node), images/s through gRPC (tensors
+#      and JPEGs), texts/s, GPU memory, and last open_clip's image tower in PyTorch fp16;
 #   4. runs benchmarks/gil_waits.py: what a busy interpreter costs the server's threads on this
 #      host's cores (batch stacking, JPEG decoding, at switch intervals of 5 and 0.5 ms);
 #   5. runs benchmarks/engine_gaps.py on the fp16 export: how long the GPU waits between two

@@ -321,9 +321,14 @@ class ClipServer:
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError as exc:
-            raise OSError(f"cannot bind the gRPC port {address} (in use?): {exc}") from None
+            raise OSError(
+                f"cannot bind the gRPC port {address} (in use, or not an address of this "
+                f"host?): {exc}"
+            ) from None
         if port == 0:
-            raise OSError(f"cannot bind the gRPC port {address} (in use?)")
+            raise OSError(
+                f"cannot bind the gRPC port {address} (in use, or not an address of this host?)"
+            )
         await server.start()
         self._server, self.port = server, port
 

@@ -206,27 +206,33 @@ def listening_socket(host: str, port: int, what: str = "port") -> socket.socket:
     0 one port per address family). A failure names `what` and the address."""
     given = f"{host}:{port}"
     host = host.strip("[]")
-    if host in ("", "::"):
-        try:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-            address: tuple[str, int] = ("::", port)
-        except OSError:  # no IPv6 here
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            address = ("0.0.0.0", port)
-    else:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
+    sock: socket.socket | None = None
     try:
+        if host in ("", "::"):
+            try:
+                sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                address: tuple[str, int] = ("::", port)
+            except OSError:  # no IPv6 here
+                if sock is not None:
+                    sock.close()
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                address = ("0.0.0.0", port)
+        else:
+            family, kind, proto, _, address = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )[0]
+            sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
         sock.listen(64)
         sock.setblocking(False)
     except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"cannot bind the {what} {given}: {exc.strerror or exc}") from None
+        if sock is not None:
+            sock.close()
+        error = OSError(f"cannot bind the {what} {given}: {exc.strerror or exc}")
+        error.errno = exc.errno
+        raise error from None
     return sock
 
 

@@ -13,7 +13,9 @@ Each fetch is an HTTP/1.0 GET on asyncio streams (HTTP/1.0: no chunked bodies), 
 time (one limit for the whole fetch, redirects included, and never past the call's deadline), in
 size (Content-Length checked before reading, the body read at most to the limit) and in number
 (a semaphore). Policy refusals raise `Forbidden` (PERMISSION_DENIED); URLs that cannot be
-fetched raise `InvalidInput`. Messages name the host, never the path, query or credentials.
+fetched raise `InvalidInput`; a fetch cut short by the request's own limit (its deadline or
+queue timeout) raises `DeadlineExpired`. Messages name the host, never the path, query or
+credentials.
 """
 
 from __future__ import annotations
@@ -119,13 +121,15 @@ class UrlFetcher:
         if deadline is not None and deadline - time.monotonic() < budget:
             budget, by_deadline = deadline - time.monotonic(), True
         if budget <= 0:
-            raise DeadlineExpired("the call's deadline passed before the URL could be fetched")
+            raise DeadlineExpired(
+                "the queue timeout or the call's deadline passed before the URL could be fetched"
+            )
         try:
             return await asyncio.wait_for(self._fetch_in_slot(url), budget)
         except TimeoutError:
-            if by_deadline:  # the caller's limit, not the image host's slowness
+            if by_deadline:  # the request's own limit, not the image host's slowness
                 raise DeadlineExpired(
-                    f"the call's deadline passed while fetching the URL ({budget:.1f}s)"
+                    "the queue timeout or the call's deadline passed while fetching the URL"
                 ) from None
             raise InvalidInput(
                 f"fetching the URL took longer than {budget:.1f}s (url_timeout_s)"
@@ -220,6 +224,9 @@ class UrlFetcher:
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             writer.close()
             raise InvalidInput(f"{target.host} sent no valid HTTP response") from None
+        except BaseException:  # cancelled (the fetch's time limit): do not leave it open
+            writer.close()
+            raise
         try:
             status, headers = _parse_head(head)
         except ValueError:

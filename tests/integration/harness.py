@@ -51,6 +51,7 @@ class ServerThread:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.address = ""
+        self._stopped = False
 
     def start(self) -> ServerThread:
         self._thread.start()
@@ -63,6 +64,10 @@ class ServerThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
 
     def stop(self, grace_s: float | None = None) -> None:
+        """Stop the server and its loop; a second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         try:
             self.call(self.server.stop(grace_s), timeout=120)
         finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 import socket
 import struct
 import threading
@@ -416,15 +417,22 @@ class HeldReload:
     def __init__(self, tower: Any) -> None:
         self._tower, self._real = tower, tower.reload
         self.entered, self.release = threading.Event(), threading.Event()
+        self.done = threading.Event()
         tower.reload = self
 
     def __call__(self) -> None:
         self.entered.set()
         self.release.wait(60)
-        self._real()
+        try:
+            self._real()
+        finally:
+            self.done.set()
 
     def restore(self) -> None:
+        """Let a held rebuild finish (on its own thread) before the next test starts."""
         self.release.set()
+        if self.entered.is_set():
+            self.done.wait(60)
         self._tower.reload = self._real
 
 
@@ -456,6 +464,7 @@ def test_a_stop_while_a_session_is_rebuilt_does_not_wait_for_the_rebuild(
         assert supervisor.rebuilds == 0
     finally:
         held.restore()
+        server.stop(1.0)  # idempotent: a failed assertion must not leave the server running
 
 
 def test_a_rebuild_that_ends_during_the_drain_does_not_turn_serving_again(
@@ -482,9 +491,12 @@ def test_a_rebuild_that_ends_during_the_drain_does_not_turn_serving_again(
                        what="the drain to start")
             held.release.set()  # the rebuild ends while the server drains
             supervisor = server.server.supervisor
-            wait_until(lambda: supervisor.rebuilds == 1, what="the rebuild to end")
-            assert model.ready is False  # not admitting again ...
-            assert health_status(server.address) == "NOT_SERVING"  # ... nor SERVING
+            wait_until(lambda: supervisor.rebuilds == 1 and not supervisor.recovering,
+                       what="the recovery to end")
+            assert model.ready is False  # not admitting again:
+            with pytest.raises(grpc.RpcError) as info:
+                stub.EncodeText(pb.EncodeTextRequest(texts=["a dog"]), timeout=30)
+            assert info.value.code() is grpc.StatusCode.UNAVAILABLE
             blocking.release.set()
             assert len(in_flight.result(timeout=30).embeddings) == 1  # drained, answered
         stopping.join(60)
@@ -494,6 +506,8 @@ def test_a_rebuild_that_ends_during_the_drain_does_not_turn_serving_again(
         blocking.release.set()
         if stopping is not None:
             stopping.join(60)
+        server.stop(1.0)
+        text_tower._session = text_session
 
 
 @pytest.mark.parametrize(
@@ -671,6 +685,7 @@ def test_images_whose_queue_timeout_passed_behind_the_decoders_are_never_decoded
                 second = stub.EncodeImage.future(
                     pb.EncodeImageRequest(images=[pb.Image(data=jpeg(64, 48, 8))]), timeout=30
                 )
+                wait_until(lambda: model.in_flight == 2, what="the second call's admission")
                 time.sleep(0.6)  # twice the queue timeout, with the decoder held
                 gate.set()
                 error = second.exception(timeout=30)
@@ -687,11 +702,47 @@ def test_images_whose_queue_timeout_passed_behind_the_decoders_are_never_decoded
             model.preprocessor.decode = real_decode
 
 
+def test_items_past_their_queue_timeout_expire_before_compute_and_are_not_computed(
+    tiny_repository: Path,
+) -> None:
+    """With the engine held, a call whose queue timeout (500 ms) passes in the batch queue, long
+    before its own deadline (60 s), gets DEADLINE_EXCEEDED from the batcher's expiry: its items
+    are counted expired, none cancelled, none computed."""
+    late_items = 3
+    with running_server(tiny_repository, max_queue_delay_us=1000, queue_timeout_ms=500) as server:
+        batcher = server.server.model.vision  # max_batch_size 8
+        with held_vision_engine(server) as blocking, grpc.insecure_channel(
+            server.address
+        ) as channel:
+            stub = pb_grpc.ClipServiceStub(channel)
+            running = stub.EncodeImage.future(one_image(), timeout=60)
+            assert blocking.entered.wait(30)
+            before = (batcher.stats.inference_count, batcher.stats.expired_items,
+                      batcher.stats.cancelled_items)
+            request = pb.EncodeImageRequest(images=[one_image().images[0]] * late_items)
+            late = stub.EncodeImage.future(request, timeout=60)
+            wait_until(lambda: len(batcher._held) == late_items, what="the late batch")
+            expires = max(item.expires for item in batcher._held)  # type: ignore[type-var]
+            time.sleep(max(0.0, expires - time.monotonic()) + 0.05)
+            blocking.release.set()
+            error = late.exception(timeout=30)
+            assert error is not None
+            assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+            assert re.search(r"deadline passed after \d+\.\d{3}s in the vision queue, before "
+                             r"compute$", error.details()), error.details()
+            assert len(running.result(timeout=30).embeddings) == 1
+            after = (batcher.stats.inference_count, batcher.stats.expired_items,
+                     batcher.stats.cancelled_items)
+            assert [b - a for a, b in zip(before, after, strict=True)] == [1, late_items, 0]
+
+
 def test_a_calls_deadline_goes_with_its_items_and_expired_work_is_never_computed(
     tiny_repository: Path,
 ) -> None:
     """The caller's deadline reaches the batch queue with each item; when it passes while the
-    engine is busy, the caller gets DEADLINE_EXCEEDED and its items are dropped, not computed."""
+    engine is busy, the caller gets DEADLINE_EXCEEDED and its items are dropped, not computed
+    (gRPC cancels the handler at the deadline, so they count as cancelled or expired, whichever
+    comes first; the next test reaches the expiry alone)."""
     late_items = 3
     with running_server(tiny_repository, max_queue_delay_us=1000) as server:
         batcher = server.server.model.vision  # max_batch_size 8

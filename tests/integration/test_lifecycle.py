@@ -103,7 +103,7 @@ def test_sigterm_drains_and_exits_cleanly(tiny_repository) -> None:
     held = HeldImages(_jpeg())
     server = start_subprocess(
         tiny_repository, "--drain-grace-s", "20", "--allow-url-inputs",
-        "--url-allowlist", "127.0.0.1", "--url-allow-private",
+        "--url-allowlist", "127.0.0.1", "--url-allow-private", "--url-timeout-s", "60",
     )
     try:
         with ThreadPoolExecutor(9) as pool:
