@@ -11,12 +11,16 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
+import json
 import re
 import socket
 import struct
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,12 +37,14 @@ from PIL import Image
 from clipserve.server.supervisor import EXIT_SESSION_FAILURE
 from clipserve.v1 import clip_service_pb2 as pb
 from clipserve.v1 import clip_service_pb2_grpc as pb_grpc
+from tests.conftest import TINY_MODEL
 from tests.integration.harness import (
     ServerProcess,
     ServerThread,
     health_status,
     running_server,
     start_subprocess,
+    wait_until,
 )
 
 ANSWERS = frozenset({"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"})
@@ -61,14 +67,6 @@ def gradient_png(width: int, height: int) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG", compress_level=9)
     return buffer.getvalue()
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 30, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what or condition}")
-        time.sleep(0.005)
 
 
 # -- overload ------------------------------------------------------------------------------
@@ -378,13 +376,7 @@ def test_a_failing_text_session_fails_encode_text_and_rank_then_is_rebuilt(
 def test_a_failing_session_answers_the_http_api_500_without_the_detail(
     tiny_repository: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import base64
-    import json
-    import urllib.error
-    import urllib.request
-
     from clipserve.server.grpc_errors import INTERNAL_MESSAGE
-    from tests.conftest import TINY_MODEL
 
     with running_server(tiny_repository, http_port=0, session_failure_threshold=0) as server:
         tower = vision_tower(server)
@@ -392,19 +384,13 @@ def test_a_failing_session_answers_the_http_api_500_without_the_detail(
         tower._session = FailingSession(real)
         try:
             image = "data:image/jpeg;base64," + base64.b64encode(jpeg(64, 48, 7)).decode()
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{server.server.http_port}/v1/embeddings",
-                data=json.dumps({"model": TINY_MODEL, "input": [image]}).encode(),
-                headers={"Content-Type": "application/json"}, method="POST",
-            )
-            with pytest.raises(urllib.error.HTTPError) as info:
-                urllib.request.urlopen(request, timeout=30)
-            body = info.value.read().decode()
+            error = http_embeddings_error(server, [image])
+            body = error.read().decode()
         finally:
             tower._session = real
-    assert info.value.code == 500
-    error = json.loads(body)["error"]
-    assert (error["message"], error["type"], error["code"]) == (
+    assert error.code == 500
+    fields = json.loads(body)["error"]
+    assert (fields["message"], fields["type"], fields["code"]) == (
         INTERNAL_MESSAGE, "server_error", "internal"
     )
     assert SECRET_PATH not in body
@@ -564,17 +550,36 @@ class BlockingSession:
 
 
 @contextmanager
-def held_vision_engine(server: ServerThread) -> Iterator[BlockingSession]:
-    """The first vision instance's session swapped for a `BlockingSession`; released and put
-    back on exit."""
+def one_call_holding_the_engine(
+    server: ServerThread,
+) -> Iterator[tuple[Any, grpc.Future, BlockingSession]]:
+    """A stub, and one EncodeImage call whose batch is inside the first vision instance's
+    session, held there (`BlockingSession`) until `release` is set; released and put back on
+    exit."""
     tower = vision_tower(server)
     real = tower._session
     blocking = tower._session = BlockingSession(real)
     try:
-        yield blocking
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.ClipServiceStub(channel)
+            running = stub.EncodeImage.future(one_image(), timeout=60)
+            assert blocking.entered.wait(30)  # its batch holds the engine
+            yield stub, running, blocking
     finally:
         blocking.release.set()
         tower._session = real
+
+
+def http_embeddings_error(server: ServerThread, inputs: list[str]) -> urllib.error.HTTPError:
+    """POST /v1/embeddings with `inputs` to the server's HTTP port; the error it answers."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{server.server.http_port}/v1/embeddings",
+        data=json.dumps({"model": TINY_MODEL, "input": inputs}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST",
+    )
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(request, timeout=30)
+    return info.value
 
 
 def test_clients_that_disconnect_do_not_cost_batch_slots(tiny_repository: Path) -> None:
@@ -586,12 +591,7 @@ def test_clients_that_disconnect_do_not_cost_batch_slots(tiny_repository: Path) 
     with running_server(tiny_repository, max_queue_delay_us=1000) as server:
         model = server.server.model
         batcher = model.vision  # max_batch_size 8
-        with held_vision_engine(server) as blocking, grpc.insecure_channel(
-            server.address
-        ) as channel:
-            stub = pb_grpc.ClipServiceStub(channel)
-            running = stub.EncodeImage.future(images(1), timeout=60)
-            blocking.entered.wait(30)  # its batch holds the engine
+        with one_call_holding_the_engine(server) as (stub, running, blocking):
             computed = batcher.stats.inference_count
             cancelled = batcher.stats.cancelled_items
             staying = stub.EncodeImage.future(images(4), timeout=60)
@@ -619,20 +619,9 @@ def test_requests_above_max_concurrent_requests_are_refused_at_once_on_both_port
 ) -> None:
     """With the one admitted call held in the engine, the next call is refused at the door:
     RESOURCE_EXHAUSTED over gRPC, 429 with Retry-After over HTTP, each naming the limit."""
-    import json
-    import urllib.error
-    import urllib.request
-
-    from tests.conftest import TINY_MODEL
-
     with running_server(tiny_repository, max_concurrent_requests=1, http_port=0) as server:
         model = server.server.model
-        with held_vision_engine(server) as blocking, grpc.insecure_channel(
-            server.address
-        ) as channel:
-            stub = pb_grpc.ClipServiceStub(channel)
-            held = stub.EncodeImage.future(one_image(), timeout=60)
-            assert blocking.entered.wait(30)
+        with one_call_holding_the_engine(server) as (stub, held, blocking):
             assert model.in_flight == 1
             with pytest.raises(grpc.RpcError) as info:
                 stub.EncodeText(pb.EncodeTextRequest(texts=["a cat"]), timeout=30)
@@ -641,16 +630,10 @@ def test_requests_above_max_concurrent_requests_are_refused_at_once_on_both_port
                 "1 requests in flight, the limit is 1 (max_concurrent_requests); "
                 "retry with backoff"
             )
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{server.server.http_port}/v1/embeddings",
-                data=json.dumps({"model": TINY_MODEL, "input": ["a cat"]}).encode(),
-                headers={"Content-Type": "application/json"}, method="POST",
-            )
-            with pytest.raises(urllib.error.HTTPError) as http_info:
-                urllib.request.urlopen(request, timeout=30)
-            assert http_info.value.code == 429
-            assert http_info.value.headers["Retry-After"] == "1"
-            body = json.loads(http_info.value.read())
+            refused = http_embeddings_error(server, ["a cat"])
+            assert refused.code == 429
+            assert refused.headers["Retry-After"] == "1"
+            body = json.loads(refused.read())
             assert "(max_concurrent_requests)" in body["error"]["message"]
             blocking.release.set()
             assert len(held.result(timeout=30).embeddings) == 1
@@ -711,12 +694,7 @@ def test_items_past_their_queue_timeout_expire_before_compute_and_are_not_comput
     late_items = 3
     with running_server(tiny_repository, max_queue_delay_us=1000, queue_timeout_ms=500) as server:
         batcher = server.server.model.vision  # max_batch_size 8
-        with held_vision_engine(server) as blocking, grpc.insecure_channel(
-            server.address
-        ) as channel:
-            stub = pb_grpc.ClipServiceStub(channel)
-            running = stub.EncodeImage.future(one_image(), timeout=60)
-            assert blocking.entered.wait(30)
+        with one_call_holding_the_engine(server) as (stub, running, blocking):
             before = (batcher.stats.inference_count, batcher.stats.expired_items,
                       batcher.stats.cancelled_items)
             request = pb.EncodeImageRequest(images=[one_image().images[0]] * late_items)
@@ -746,12 +724,7 @@ def test_a_calls_deadline_goes_with_its_items_and_expired_work_is_never_computed
     late_items = 3
     with running_server(tiny_repository, max_queue_delay_us=1000) as server:
         batcher = server.server.model.vision  # max_batch_size 8
-        with held_vision_engine(server) as blocking, grpc.insecure_channel(
-            server.address
-        ) as channel:
-            stub = pb_grpc.ClipServiceStub(channel)
-            running = stub.EncodeImage.future(one_image(), timeout=60)
-            assert blocking.entered.wait(30)  # its batch holds the engine
+        with one_call_holding_the_engine(server) as (stub, running, blocking):
             computed = batcher.stats.inference_count
             dropped = batcher.stats.cancelled_items + batcher.stats.expired_items
             request = pb.EncodeImageRequest(images=[one_image().images[0]] * late_items)

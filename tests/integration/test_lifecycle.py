@@ -25,6 +25,7 @@ from tests.integration.harness import (
     health_status,
     running_server,
     start_subprocess,
+    wait_until,
 )
 
 TEXTS = [f"a photo of thing number {i}" for i in range(8)]
@@ -112,7 +113,8 @@ def test_sigterm_drains_and_exits_cleanly(tiny_repository) -> None:
             calls = [pool.submit(_try_encode_texts, server.address) for _ in range(8)]
             time.sleep(0.2)
             server.terminate()
-            _wait_for_log(server, r"draining: (\d+) request")
+            wait_until(lambda: re.search(r"draining: \d+ request", "".join(server.log)),
+                       what="the drain's log line")
             held.release()
             assert in_flight.result(timeout=60) == "OK"
             codes = [c.result() for c in calls]
@@ -144,13 +146,6 @@ def _try_encode_url(address: str, url: str) -> str:
     return "OK" if len(response.embeddings) == 1 else f"{len(response.embeddings)} embeddings"
 
 
-def _wait_for_log(server, pattern: str, timeout: float = 30) -> None:
-    end = time.monotonic() + timeout
-    while not re.search(pattern, "".join(server.log)):
-        assert time.monotonic() < end, f"the server never logged {pattern!r}"
-        time.sleep(0.02)
-
-
 def _try_encode_texts(address: str) -> str:
     try:
         assert len(encode_texts(address, TEXTS).embeddings) == len(TEXTS)
@@ -159,10 +154,11 @@ def _try_encode_texts(address: str) -> str:
         return exc.code().name
 
 
-def _serve_exit(repository: Path) -> subprocess.CompletedProcess[str]:
+def _serve_exit(repository: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+    """`clipserve serve` on port 0 until it exits; later `flags` win (argparse keeps the last)."""
     return subprocess.run(
         [sys.executable, "-m", "clipserve", "serve", "--model-repository", str(repository),
-         "--host", "127.0.0.1", "--port", "0"],
+         "--host", "127.0.0.1", "--port", "0", *flags],
         capture_output=True, text=True, timeout=120,
     )
 
@@ -179,13 +175,7 @@ def test_a_port_in_use_exits_4_naming_it(tiny_repository, flag: str) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = str(taken.getsockname()[1])
-        ports = {"--port": "0", "--metrics-port": "0", flag: busy}
-        result = subprocess.run(
-            [sys.executable, "-m", "clipserve", "serve", "--model-repository",
-             str(tiny_repository), "--host", "127.0.0.1",
-             *(item for pair in ports.items() for item in pair)],
-            capture_output=True, text=True, timeout=120,
-        )
+        result = _serve_exit(tiny_repository, "--metrics-port", "0", flag, busy)
     assert result.returncode == 4, result.stderr
     assert busy in result.stderr.splitlines()[-1]
     assert result.stderr.splitlines()[-1].startswith("error: ")
@@ -199,11 +189,7 @@ def test_a_port_in_use_exits_4_naming_it(tiny_repository, flag: str) -> None:
 def test_device_cuda_without_a_cuda_provider_exits_3_saying_what_to_install(
     tiny_repository,
 ) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "clipserve", "serve", "--model-repository", str(tiny_repository),
-         "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--device", "cuda"],
-        capture_output=True, text=True, timeout=120,
-    )
+    result = _serve_exit(tiny_repository, "--metrics-port", "0", "--device", "cuda")
     assert result.returncode == 3, result.stderr
     assert ("error: --device cuda was asked for but this onnxruntime has no "
             "CUDAExecutionProvider") in result.stderr
