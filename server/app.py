@@ -315,7 +315,7 @@ class ClipServer:
                 (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
         address = f"{s.host}:{s.port}"
-        try:  # grpcio raises RuntimeError where older versions returned port 0
+        try:  # the pinned grpcio raises RuntimeError when it cannot bind
             if credentials is not None:
                 port = server.add_secure_port(address, credentials)
             else:
@@ -325,10 +325,6 @@ class ClipServer:
                 f"cannot bind the gRPC port {address} (in use, or not an address of this "
                 f"host?): {exc}"
             ) from None
-        if port == 0:
-            raise OSError(
-                f"cannot bind the gRPC port {address} (in use, or not an address of this host?)"
-            )
         await server.start()
         self._server, self.port = server, port
 
